@@ -1,0 +1,185 @@
+"""The ``collab`` command. Thin: each command parses its arguments and calls one
+library function. Nothing heavy is imported at start-up, so ``collab --help``
+is fast; torch loads only inside the commands that need it."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+app = typer.Typer(
+    name="collab",
+    help="Make several expert LLMs work as one: route, merge and evaluate real models, offline.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+zoo_app = typer.Typer(help="The offline models and the domain experts built from them.", no_args_is_help=True)
+app.add_typer(zoo_app, name="zoo")
+
+_state = {"debug": False}
+
+
+@app.callback()
+def _root(
+    debug: Annotated[bool, typer.Option("--debug", help="Show full tracebacks on errors.")] = False,
+) -> None:
+    _state["debug"] = debug
+
+
+def _load_system(ref_or_spec: str, system: Optional[str]):  # noqa: ANN202 - returns a System
+    """A System from a spec file (``--system`` picks one) or from a model reference."""
+    if ref_or_spec.endswith((".yaml", ".yml")):
+        from collab.spec import load_spec
+
+        spec = load_spec(ref_or_spec)
+        if system is None:
+            names = spec.names()
+            if len(names) != 1:
+                raise typer.BadParameter(f"the spec defines {len(names)} systems ({', '.join(names)}); pick one with --system")
+            system = names[0]
+        return spec.system(system)
+    if system is not None:
+        raise typer.BadParameter("--system needs a spec file (.yaml) as first argument")
+    from collab.experts import Expert
+
+    return Expert.load(ref_or_spec)
+
+
+@app.command()
+def generate(
+    ref_or_spec: Annotated[str, typer.Argument(help="A model reference (zoo:NAME, a .gguf file, a model directory) or a spec .yaml.")],
+    prompt: Annotated[str, typer.Argument(help="The user message (or raw text with --raw).")],
+    system: Annotated[Optional[str], typer.Option("--system", "-s", help="Which system of the spec answers.")] = None,
+    max_tokens: Annotated[int, typer.Option(help="Most tokens to generate.")] = 256,
+    temperature: Annotated[float, typer.Option(help="0 is greedy and deterministic.")] = 0.0,
+    top_p: Annotated[float, typer.Option(help="Nucleus sampling mass.")] = 1.0,
+    seed: Annotated[Optional[int], typer.Option(help="Seed for sampling.")] = None,
+    stop: Annotated[Optional[list[str]], typer.Option(help="Stop sequence (repeatable).")] = None,
+    raw: Annotated[bool, typer.Option(help="Continue the prompt as raw text, without the chat template.")] = False,
+    show_trace: Annotated[bool, typer.Option("--trace", help="Print the completion's trace as JSON to stderr.")] = False,
+) -> None:
+    """Stream one answer from an expert or a system to the terminal."""
+    from collab.system import GenerationRequest
+
+    req = GenerationRequest(
+        messages=None if raw else [{"role": "user", "content": prompt}],
+        prompt=prompt if raw else None,
+        max_tokens=max_tokens,
+        temperature=temperature,
+        top_p=top_p,
+        seed=seed,
+        stop=stop or [],
+        stream=True,
+    )
+    sys_ = _load_system(ref_or_spec, system)
+    last = None
+    for chunk in sys_.stream(req):
+        sys.stdout.write(chunk.text)
+        sys.stdout.flush()
+        last = chunk
+    sys.stdout.write("\n")
+    if show_trace and last is not None:
+        info = {"finish_reason": last.finish_reason, "usage": last.usage.to_dict() if last.usage else None, "trace": last.trace}
+        sys.stderr.write(json.dumps(info) + "\n")
+
+
+@zoo_app.command("list")
+def zoo_list(
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
+) -> None:
+    """Show each zoo model: kind, size, whether it is installed, and how to install it."""
+    from collab import zoo
+
+    rows = []
+    for e in zoo.entries().values():
+        size = zoo.size_of(e)
+        rows.append(
+            {
+                "name": f"zoo:{e.name}",
+                "kind": e.kind,
+                "installed": e.installed,
+                "size_mb": round(size / 1e6, 1) if size else e.approx_mb,
+                "install": e.install,
+                "description": e.description,
+            }
+        )
+    if as_json:
+        print(json.dumps(rows, indent=2))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="collab zoo")
+    for col in ("name", "kind", "size", "installed", "install / description"):
+        table.add_column(col)
+    for r in rows:
+        table.add_row(
+            r["name"],
+            r["kind"],
+            f"{r['size_mb']} MB",
+            "[green]yes[/]" if r["installed"] else "[red]no[/]",
+            r["description"] if r["installed"] else r["install"],
+        )
+    Console().print(table)
+
+
+#: Modules that add commands to ``app``, each through ``register(app)``. They
+#: import only typer at module level so that ``collab --help`` stays fast.
+COMMAND_MODULES = ("evals.cli", "routers.cli", "merging.cli", "collab.zoo_build")
+
+
+def _register_commands() -> None:
+    import importlib
+
+    for module in COMMAND_MODULES:
+        try:
+            mod = importlib.import_module(module)
+        except ModuleNotFoundError as e:
+            if e.name != module:
+                raise
+            continue
+        mod.register(app)
+
+
+_register_commands()
+
+
+def main() -> None:
+    """Entry point: run the app, turning user errors into one line and a non-zero exit."""
+    try:
+        app(standalone_mode=False)
+    except SystemExit:
+        raise
+    except Exception as e:  # noqa: BLE001 - the one place errors meet the user
+        import click
+
+        from collab.errors import CollabError
+
+        if isinstance(e, click.exceptions.Abort):
+            sys.stderr.write("aborted\n")
+            sys.exit(130)
+        if isinstance(e, click.ClickException):
+            e.show()
+            sys.exit(e.exit_code)
+        if _state["debug"]:
+            raise
+        if isinstance(e, CollabError):
+            sys.stderr.write(f"error: {e}\n")
+            sys.exit(e.exit_code)
+        if isinstance(e, (FileNotFoundError, PermissionError, IsADirectoryError)):
+            sys.stderr.write(f"error: {e}\n")
+            sys.exit(1)
+        sys.stderr.write(f"error: {type(e).__name__}: {e} (run with --debug for the traceback)\n")
+        sys.exit(1)
+    except KeyboardInterrupt:
+        sys.stderr.write("interrupted\n")
+        sys.exit(130)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,822 @@
+"""Experts: one causal LM and its tokenizer, answering through the System protocol.
+
+``Expert.load(ref)`` takes a Hugging Face directory, a ``.gguf`` file or a zoo
+name (``zoo:smollm2-135m-instruct``). GGUF files are de-quantised once and the
+result cached as safetensors, so later loads take seconds. ``.model`` and
+``.tokenizer`` stay reachable for methods that need logits, hidden states or
+the KV cache (``Expert.forward``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Iterator, Sequence
+
+from collab.errors import ContextLengthError, ModelLoadError
+from collab.io import atomic_directory, atomic_write_json, cache_root
+from collab.system import BaseSystem, Completion, GenerationRequest, Message, StreamChunk, Usage
+
+if TYPE_CHECKING:
+    import torch
+
+#: Prompt format for models whose tokenizer has no chat template (e.g. Gemma-3-270M
+#: base). An optional system message comes first, then alternating turns, and the
+#: prompt ends with ``"Assistant:"`` so the model writes the answer:
+#:
+#:     {system}\n\nUser: {user}\nAssistant: {assistant}\nUser: {user}\nAssistant:
+PLAIN_USER = "User: "
+PLAIN_ASSISTANT = "Assistant:"
+PLAIN_STOP = "\nUser:"
+
+_DTYPES = ("auto", "float32", "bfloat16", "float16")
+_GGUF_CACHE_VERSION = 1
+
+
+def render_plain_prompt(messages: Sequence[Message]) -> str:
+    """Render chat messages in collab's plain prompt format (see ``PLAIN_USER``)."""
+    parts: list[str] = []
+    body = list(messages)
+    if body and body[0]["role"] == "system":
+        parts.append(body[0]["content"].strip() + "\n\n")
+        body = body[1:]
+    for m in body:
+        if m["role"] == "user":
+            parts.append(f"{PLAIN_USER}{m['content'].strip()}\n")
+        elif m["role"] == "assistant":
+            parts.append(f"{PLAIN_ASSISTANT} {m['content'].strip()}\n")
+        else:  # a system message in the middle of a conversation
+            parts.append(m["content"].strip() + "\n")
+    parts.append(PLAIN_ASSISTANT)
+    return "".join(parts)
+
+
+@dataclass
+class ResolvedRef:
+    """Where a model reference points: a directory to load from, and how."""
+
+    path: Path
+    gguf_file: str | None = None
+    cache_key: str | None = None
+    name: str | None = None
+    prompt_format: str | None = None
+    adapter: Path | None = None
+    base_ref: str | None = None
+
+
+def resolve_ref(ref: str | os.PathLike[str]) -> ResolvedRef:
+    """Turn ``zoo:NAME``, a ``.gguf`` path or a directory into a ResolvedRef, or
+    raise ModelLoadError naming what is missing."""
+    ref_s = str(ref)
+    if ref_s.startswith("zoo:"):
+        from collab import zoo
+
+        return zoo.resolve(ref_s[4:])
+    path = Path(ref_s).expanduser()
+    if not path.exists():
+        raise ModelLoadError(f"{ref_s}: no such file or directory (expected a Hugging Face model directory, a .gguf file or zoo:NAME)")
+    if path.is_file():
+        if path.suffix.lower() != ".gguf":
+            raise ModelLoadError(f"{ref_s}: expected a .gguf file or a model directory, found a '{path.suffix}' file")
+        _check_gguf_magic(path)
+        st = path.stat()
+        key = f"{path.resolve()}:{st.st_size}:{st.st_mtime_ns}"
+        import hashlib
+
+        return ResolvedRef(
+            path=path.parent,
+            gguf_file=path.name,
+            cache_key=f"{path.stem}-{hashlib.sha1(key.encode()).hexdigest()[:12]}",
+            name=path.stem,
+        )
+    if (path / "adapter_config.json").exists():
+        cfg = json.loads((path / "adapter_config.json").read_text())
+        base = cfg.get("base_model_name_or_path")
+        if not base:
+            raise ModelLoadError(f"{path}/adapter_config.json: field 'base_model_name_or_path' is missing")
+        base_res = resolve_ref(base if str(base).startswith("zoo:") or Path(base).is_absolute() else _relative(path, base))
+        base_res.adapter = path
+        base_res.name = path.name
+        base_res.base_ref = str(base)
+        return base_res
+    if not (path / "config.json").exists():
+        raise ModelLoadError(f"{path}: not a model directory (config.json not found)")
+    return ResolvedRef(path=path, name=path.name)
+
+
+def _relative(adapter_dir: Path, base: str) -> str:
+    candidate = adapter_dir / base
+    return str(candidate) if candidate.exists() else base
+
+
+def _check_gguf_magic(path: Path) -> None:
+    with open(path, "rb") as f:
+        magic = f.read(4)
+    if magic != b"GGUF":
+        raise ModelLoadError(f"{path}: not a GGUF file (expected magic bytes b'GGUF', found {magic!r}); the file is corrupt or of another format")
+
+
+def _torch_dtype(dtype: str) -> Any:
+    import torch
+
+    if dtype not in _DTYPES:
+        raise ModelLoadError(f"dtype: expected one of {_DTYPES}, found {dtype!r}")
+    return "auto" if dtype == "auto" else getattr(torch, dtype)
+
+
+def _dequantised_dir(res: ResolvedRef) -> Path:
+    """De-quantise a GGUF file once into a safetensors model directory in the cache."""
+    assert res.gguf_file is not None and res.cache_key is not None
+    target = cache_root() / "gguf" / f"{res.cache_key}-v{_GGUF_CACHE_VERSION}"
+    if (target / "collab_source.json").exists():
+        return target
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    gguf_path = res.path / res.gguf_file
+    if not gguf_path.exists():
+        raise ModelLoadError(f"{gguf_path}: GGUF file not found")
+    _check_gguf_magic(gguf_path)
+    t0 = time.perf_counter()
+    import sys
+
+    sys.stderr.write(f"collab: de-quantising {gguf_path.name} once (tens of seconds); cached in {target}\n")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(res.path), gguf_file=res.gguf_file)
+        model = AutoModelForCausalLM.from_pretrained(str(res.path), gguf_file=res.gguf_file, dtype=torch.float32)
+    except Exception as e:  # gguf's reader raises many kinds of errors on a damaged file
+        raise ModelLoadError(f"{gguf_path}: cannot read GGUF model ({type(e).__name__}: {e})") from e
+    # A GGUF-loaded model carries a quantization_config and refuses save_pretrained;
+    # the weights are already de-quantised, so drop it and save a plain model.
+    for holder in (model.config, getattr(model, "hf_quantizer", None)):
+        if holder is not None and hasattr(holder, "quantization_config"):
+            try:
+                delattr(holder, "quantization_config")
+            except AttributeError:
+                pass
+    model.hf_quantizer = None
+    model.is_quantized = False
+    with atomic_directory(target, overwrite=True) as tmp:
+        model.save_pretrained(str(tmp), safe_serialization=True)
+        tokenizer.save_pretrained(str(tmp))
+        atomic_write_json(
+            tmp / "collab_source.json",
+            {"gguf": str(gguf_path), "seconds": round(time.perf_counter() - t0, 2), "version": _GGUF_CACHE_VERSION},
+        )
+    return target
+
+
+class Expert(BaseSystem):
+    """One causal language model with its tokenizer; a System.
+
+    Build it with ``Expert.load(ref)``. Greedy decoding (``temperature=0``) is
+    deterministic; sampling is reproducible given ``seed``. All calls on one
+    expert are serialised by a lock, so an Expert may be shared across threads.
+    """
+
+    def __init__(
+        self,
+        model: Any,
+        tokenizer: Any,
+        name: str = "expert",
+        *,
+        prompt_format: str | None = None,
+        ref: str | None = None,
+        batch_size: int = 8,
+    ) -> None:
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.name = name
+        self.ref = ref
+        self.batch_size = batch_size
+        if tokenizer.pad_token_id is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        tokenizer.padding_side = "left"
+        if prompt_format is None:
+            prompt_format = "chat_template" if getattr(tokenizer, "chat_template", None) else "plain"
+        if prompt_format not in ("chat_template", "plain"):
+            raise ModelLoadError(f"prompt_format: expected 'chat_template' or 'plain', found {prompt_format!r}")
+        if prompt_format == "chat_template" and not getattr(tokenizer, "chat_template", None):
+            raise ModelLoadError(f"expert '{name}': prompt_format 'chat_template' asked for, but the tokenizer has no chat template")
+        self.prompt_format = prompt_format
+        self._lock = threading.RLock()
+        self.eos_token_ids = self._eos_ids()
+
+    # ----------------------------------------------------------------- loading
+    @classmethod
+    def load(
+        cls,
+        ref: str | os.PathLike[str],
+        *,
+        name: str | None = None,
+        dtype: str = "float32",
+        device: str = "cpu",
+        prompt_format: str | None = None,
+        allow_pickle: bool = False,
+        trust_remote_code: bool = False,
+        batch_size: int = 8,
+    ) -> "Expert":
+        """Load an expert from a HF directory, a ``.gguf`` file, a PEFT adapter
+        directory or ``zoo:NAME``. ``.bin`` pickles load only with ``allow_pickle``."""
+        res = resolve_ref(ref)
+        model_dir = _dequantised_dir(res) if res.gguf_file else res.path
+        torch_dtype = _torch_dtype(dtype)
+        has_st = any(model_dir.glob("*.safetensors"))
+        if not has_st:
+            if any(model_dir.glob("*.bin")) and not allow_pickle:
+                raise ModelLoadError(
+                    f"{model_dir}: weights are pickle files (.bin) only; loading them can run arbitrary code. "
+                    "Convert to safetensors, or pass allow_pickle=True (--allow-pickle) if you trust the file"
+                )
+            if not any(model_dir.glob("*.bin")):
+                raise ModelLoadError(f"{model_dir}: no weights found (expected *.safetensors)")
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(str(model_dir), trust_remote_code=trust_remote_code)
+            model = AutoModelForCausalLM.from_pretrained(
+                str(model_dir),
+                dtype=torch_dtype,
+                trust_remote_code=trust_remote_code,
+                use_safetensors=has_st,
+                device_map=None if device == "cpu" else device,
+            )
+        except ModelLoadError:
+            raise
+        except (OSError, ValueError, KeyError, RuntimeError) as e:
+            raise ModelLoadError(f"{model_dir}: cannot load model ({type(e).__name__}: {str(e).splitlines()[0]})") from e
+        if res.adapter is not None:
+            model = _apply_adapter(model, res.adapter)
+        return cls(
+            model,
+            tokenizer,
+            name=name or res.name or Path(str(ref)).name,
+            prompt_format=prompt_format or res.prompt_format,
+            ref=str(ref),
+            batch_size=batch_size,
+        )
+
+    # ---------------------------------------------------------------- encoding
+    @property
+    def device(self) -> "torch.device":
+        return next(self.model.parameters()).device
+
+    @property
+    def context_window(self) -> int:
+        cfg = self.model.config
+        return int(getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", 2048))
+
+    def _eos_ids(self) -> list[int]:
+        ids: list[int] = []
+        gen_eos = getattr(getattr(self.model, "generation_config", None), "eos_token_id", None)
+        for v in (self.tokenizer.eos_token_id, gen_eos):
+            if isinstance(v, int):
+                ids.append(v)
+            elif isinstance(v, (list, tuple)):
+                ids.extend(int(x) for x in v)
+        if self.prompt_format == "chat_template":
+            for tok in ("<|im_end|>", "<end_of_turn>", "<|eot_id|>", "<|end|>"):
+                tid = self.tokenizer.convert_tokens_to_ids(tok)
+                if isinstance(tid, int) and tid != self.tokenizer.unk_token_id and tid >= 0:
+                    ids.append(tid)
+        return sorted(set(ids))
+
+    def render(self, request: GenerationRequest) -> str:
+        """The exact text fed to the model for ``request``."""
+        if request.prompt is not None:
+            return request.prompt
+        assert request.messages is not None
+        if self.prompt_format == "chat_template":
+            return self.tokenizer.apply_chat_template(request.messages, tokenize=False, add_generation_prompt=True)
+        return render_plain_prompt(request.messages)
+
+    def encode(self, request: GenerationRequest) -> list[int]:
+        """Prompt token ids for ``request``; raises ContextLengthError if they do not fit."""
+        text = self.render(request)
+        # Chat templates already write the special tokens they need.
+        add_special = not (request.messages is not None and self.prompt_format == "chat_template")
+        ids = self.tokenizer(text, add_special_tokens=add_special).input_ids
+        if len(ids) >= self.context_window:
+            raise ContextLengthError(
+                f"prompt has {len(ids)} tokens; expert '{self.name}' has a context window of {self.context_window} tokens"
+            )
+        return ids
+
+    def _stops(self, request: GenerationRequest) -> list[str]:
+        stops = list(request.stop)
+        if request.messages is not None and self.prompt_format == "plain":
+            stops.append(PLAIN_STOP)
+        return stops
+
+    def _trace(self, request: GenerationRequest) -> dict[str, Any]:
+        fmt = "raw" if request.prompt is not None else self.prompt_format
+        return {"system": self.name, "type": "expert", "expert": self.name, "prompt_format": fmt}
+
+    def _generate_kwargs(self, request: GenerationRequest, max_new: int) -> dict[str, Any]:
+        kw: dict[str, Any] = {
+            "max_new_tokens": max_new,
+            "pad_token_id": self.tokenizer.pad_token_id,
+            "eos_token_id": self.eos_token_ids,
+        }
+        if request.greedy:
+            kw.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+        else:
+            kw.update(do_sample=True, temperature=float(request.temperature), top_p=float(request.top_p), top_k=0)
+        return kw
+
+    def _max_new(self, request: GenerationRequest, prompt_len: int) -> int:
+        return max(1, min(request.max_tokens, self.context_window - prompt_len))
+
+    def _finish(self, request: GenerationRequest, gen_ids: list[int], max_new: int) -> tuple[str, str, int]:
+        """Cut generated ids at EOS and stop strings; return (text, finish_reason, n_tokens)."""
+        finish = "length"
+        for i, t in enumerate(gen_ids):
+            if t in self.eos_token_ids:
+                gen_ids = gen_ids[:i]
+                finish = "stop"
+                break
+        n = len(gen_ids)
+        text = self.tokenizer.decode(gen_ids, skip_special_tokens=True)
+        cut = _first_stop(text, self._stops(request))
+        if cut is not None:
+            text, finish = text[:cut], "stop"
+        elif finish == "length" and n < max_new:
+            finish = "stop"
+        return text, finish, n
+
+    # -------------------------------------------------------------- generation
+    def generate(self, request: GenerationRequest) -> Completion:
+        import torch
+
+        ids = self.encode(request)
+        max_new = self._max_new(request, len(ids))
+        stops = self._stops(request)
+        kw = self._generate_kwargs(request, max_new)
+        if stops:
+            kw["stopping_criteria"] = _stopping([_StopStrings(self.tokenizer, stops, len(ids))])
+        input_ids = torch.tensor([ids], device=self.device)
+        with self._lock, torch.inference_mode():
+            if request.seed is not None:
+                torch.manual_seed(request.seed)
+            out = self.model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), **kw)
+        text, finish, n = self._finish(request, out[0, len(ids):].tolist(), max_new)
+        return Completion(text=text, finish_reason=finish, usage=Usage(len(ids), n), trace=self._trace(request))
+
+    def generate_batch(self, requests: Sequence[GenerationRequest]) -> list[Completion]:
+        """Generate for several requests in padded batches of ``batch_size``.
+
+        Requests are grouped by sampling settings; greedy answers match
+        ``generate`` up to float rounding from padding."""
+        results: list[Completion | None] = [None] * len(requests)
+        groups: dict[tuple[Any, ...], list[int]] = {}
+        for i, r in enumerate(requests):
+            key = (float(r.temperature), float(r.top_p), r.seed)
+            groups.setdefault(key, []).append(i)
+        for idx in groups.values():
+            for start in range(0, len(idx), self.batch_size):
+                chunk = idx[start : start + self.batch_size]
+                for i, c in zip(chunk, self._generate_padded([requests[i] for i in chunk])):
+                    results[i] = c
+        return [c for c in results if c is not None]
+
+    def _generate_padded(self, requests: list[GenerationRequest]) -> list[Completion]:
+        import torch
+
+        if len(requests) == 1:
+            return [self.generate(requests[0])]
+        encoded = [self.encode(r) for r in requests]
+        width = max(len(e) for e in encoded)
+        pad = self.tokenizer.pad_token_id
+        input_ids = torch.tensor([[pad] * (width - len(e)) + e for e in encoded], device=self.device)
+        mask = torch.tensor([[0] * (width - len(e)) + [1] * len(e) for e in encoded], device=self.device)
+        max_news = [self._max_new(r, width) for r in requests]
+        kw = self._generate_kwargs(requests[0], max(max_news))
+        kw["stopping_criteria"] = _stopping([_RowLimits(self.tokenizer, [self._stops(r) for r in requests], max_news, width)])
+        with self._lock, torch.inference_mode():
+            if requests[0].seed is not None:
+                torch.manual_seed(requests[0].seed)
+            out = self.model.generate(input_ids=input_ids, attention_mask=mask, **kw)
+        comps = []
+        for row, (r, e, mx) in enumerate(zip(requests, encoded, max_news)):
+            gen = out[row, width:].tolist()[:mx]
+            text, finish, n = self._finish(r, gen, mx)
+            comps.append(Completion(text=text, finish_reason=finish, usage=Usage(len(e), n), trace=self._trace(r)))
+        return comps
+
+    def stream(self, request: GenerationRequest) -> Iterator[StreamChunk]:
+        """Yield text as it is generated; the joined chunks equal ``generate``'s text."""
+        import torch
+
+        ids = self.encode(request)
+        max_new = self._max_new(request, len(ids))
+        stops = self._stops(request)
+        hold = max((len(s) for s in stops), default=1) - 1
+        streamer = _QueueStreamer()
+        kw = self._generate_kwargs(request, max_new)
+        crit = [_StopFlag(streamer)]
+        if stops:
+            crit.append(_StopStrings(self.tokenizer, stops, len(ids)))
+        kw["stopping_criteria"] = _stopping(crit)
+        input_ids = torch.tensor([ids], device=self.device)
+
+        def run() -> None:
+            try:
+                with self._lock, torch.inference_mode():
+                    if request.seed is not None:
+                        torch.manual_seed(request.seed)
+                    self.model.generate(
+                        input_ids=input_ids, attention_mask=torch.ones_like(input_ids), streamer=streamer, **kw
+                    )
+            except BaseException as e:  # handed to the consumer thread
+                streamer.fail(e)
+
+        worker = threading.Thread(target=run, name=f"collab-stream-{self.name}", daemon=True)
+        worker.start()
+        gen: list[int] = []
+        emitted = 0
+        finish: str | None = None
+        try:
+            for token in streamer:
+                if token in self.eos_token_ids:
+                    finish = "stop"
+                    break
+                gen.append(token)
+                text = self.tokenizer.decode(gen, skip_special_tokens=True)
+                cut = _first_stop(text, stops)
+                if cut is not None:
+                    if cut > emitted:
+                        yield StreamChunk(text=text[emitted:cut])
+                    emitted, finish = cut, "stop"
+                    break
+                safe = len(text) - hold
+                while safe > emitted and text[safe - 1] == "\ufffd":
+                    safe -= 1
+                if safe > emitted:
+                    yield StreamChunk(text=text[emitted:safe])
+                    emitted = safe
+        finally:
+            streamer.stop_requested = True
+            worker.join()
+        streamer.raise_if_failed()
+        text = self.tokenizer.decode(gen, skip_special_tokens=True)
+        cut = _first_stop(text, stops)
+        if cut is not None:
+            text, finish = text[:cut], "stop"
+        elif finish is None:
+            finish = "length" if len(gen) >= max_new else "stop"
+        tail = text[emitted:]
+        yield StreamChunk(text=tail, finish_reason=finish, usage=Usage(len(ids), len(gen)), trace=self._trace(request))
+
+    # ------------------------------------------------------------------ scoring
+    def _split_context(self, context: str, continuation: str) -> tuple[list[int], list[int]]:
+        # As lm-evaluation-harness does: trailing context whitespace belongs to the continuation.
+        n_space = len(context) - len(context.rstrip())
+        if n_space:
+            continuation = context[-n_space:] + continuation
+            context = context[:-n_space]
+        whole = self.tokenizer(context + continuation).input_ids
+        ctx = self.tokenizer(context).input_ids
+        if not ctx:
+            prefix = self.tokenizer.bos_token_id if self.tokenizer.bos_token_id is not None else self.eos_token_ids[0]
+            return [prefix], whole
+        return ctx, whole[len(ctx) :]
+
+    def loglikelihood(self, context: str, continuation: str) -> float:
+        """log P(continuation | context) summed over the continuation's tokens."""
+        return self.loglikelihood_batch([(context, continuation)])[0][0]
+
+    def loglikelihood_batch(self, pairs: Sequence[tuple[str, str]], batch_size: int | None = None) -> list[tuple[float, bool]]:
+        """For each (context, continuation): the summed log-probability and whether
+        the continuation is the greedy one, as lm-eval's ``loglikelihood`` returns."""
+        import torch
+
+        bs = batch_size or self.batch_size
+        out: list[tuple[float, bool]] = []
+        split = [self._split_context(c, x) for c, x in pairs]
+        for start in range(0, len(split), bs):
+            chunk = split[start : start + bs]
+            seqs = [(ctx + cont)[-self.context_window :] for ctx, cont in chunk]
+            width = max(len(s) for s in seqs)
+            pad = self.tokenizer.pad_token_id
+            ids = torch.tensor([s + [pad] * (width - len(s)) for s in seqs], device=self.device)
+            mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in seqs], device=self.device)
+            with self._lock, torch.inference_mode():
+                logits = self.model(input_ids=ids, attention_mask=mask).logits.float()  # (B, T, V)
+            logp = torch.log_softmax(logits, dim=-1)
+            for row, (s, (_, cont)) in enumerate(zip(seqs, chunk)):
+                n = len(cont)
+                if n == 0:
+                    out.append((0.0, True))
+                    continue
+                pos = torch.arange(len(s) - n - 1, len(s) - 1, device=self.device)
+                target = torch.tensor(s[len(s) - n :], device=self.device)
+                lp = logp[row, pos]  # (n, V)
+                total = float(lp.gather(1, target[:, None]).sum())
+                greedy = bool((lp.argmax(-1) == target).all())
+                out.append((total, greedy))
+        return out
+
+    def loglikelihood_rolling(self, text: str) -> float:
+        """log P(text) under the model, in windows of the context length (for perplexity)."""
+        import torch
+
+        ids = self.tokenizer(text).input_ids
+        prefix = self.tokenizer.bos_token_id if self.tokenizer.bos_token_id is not None else self.eos_token_ids[0]
+        if not ids or ids[0] != prefix:
+            ids = [prefix] + ids
+        total = 0.0
+        win = self.context_window
+        start = 1
+        while start < len(ids):
+            end = min(len(ids), start + win - 1)
+            ctx_start = max(0, end - win)
+            seq = torch.tensor([ids[ctx_start:end]], device=self.device)
+            with self._lock, torch.inference_mode():
+                logp = torch.log_softmax(self.model(input_ids=seq).logits.float(), dim=-1)[0]
+            targets = torch.tensor(ids[start:end], device=self.device)
+            pos = torch.arange(start - ctx_start - 1, end - ctx_start - 1, device=self.device)
+            total += float(logp[pos].gather(1, targets[:, None]).sum())
+            start = end
+        return total
+
+    # ------------------------------------------------------------ model access
+    def forward(
+        self,
+        input_ids: "torch.Tensor",
+        attention_mask: "torch.Tensor | None" = None,
+        past_key_values: Any = None,
+        output_hidden_states: bool = False,
+        use_cache: bool = True,
+    ) -> Any:
+        """One forward pass: the HF output with ``.logits`` (B, T, V),
+        ``.past_key_values`` (the KV cache) and, if asked, ``.hidden_states``."""
+        import torch
+
+        with self._lock, torch.inference_mode():
+            return self.model(
+                input_ids=input_ids.to(self.device),
+                attention_mask=None if attention_mask is None else attention_mask.to(self.device),
+                past_key_values=past_key_values,
+                output_hidden_states=output_hidden_states,
+                use_cache=use_cache,
+            )
+
+
+def _apply_adapter(model: Any, adapter_dir: Path) -> Any:
+    """Merge a PEFT LoRA adapter into its base so the expert runs at base speed."""
+    try:
+        from peft import PeftModel
+    except ImportError as e:  # pragma: no cover - peft is installed with the zoo extra
+        raise ModelLoadError(f"{adapter_dir}: loading an adapter needs peft (pip install peft)") from e
+    if not (adapter_dir / "adapter_model.safetensors").exists():
+        raise ModelLoadError(f"{adapter_dir}: adapter_model.safetensors not found (pickled adapters are not loaded)")
+    peft_model = PeftModel.from_pretrained(model, str(adapter_dir))
+    return peft_model.merge_and_unload()
+
+
+def _first_stop(text: str, stops: Sequence[str]) -> int | None:
+    cuts = [i for i in (text.find(s) for s in stops) if i >= 0]
+    return min(cuts) if cuts else None
+
+
+def _stopping(criteria: list[Any]) -> Any:
+    from transformers import StoppingCriteriaList
+
+    return StoppingCriteriaList(criteria)
+
+
+class _StopStrings:
+    """Stop a single sequence once its generated text contains a stop string."""
+
+    def __init__(self, tokenizer: Any, stops: Sequence[str], prompt_len: int) -> None:
+        self.tokenizer = tokenizer
+        self.stops = list(stops)
+        self.prompt_len = prompt_len
+        # a token is at least one character, so this many tokens cover the longest stop
+        self.window = max(len(s) for s in stops) + 8
+
+    def __call__(self, input_ids: "torch.Tensor", scores: Any, **kwargs: Any) -> "torch.Tensor":
+        import torch
+
+        done = []
+        for row in input_ids:
+            tail = row[max(self.prompt_len, row.shape[0] - self.window) :].tolist()
+            text = self.tokenizer.decode(tail, skip_special_tokens=True)
+            done.append(any(s in text for s in self.stops))
+        return torch.tensor(done, device=input_ids.device)
+
+
+class _RowLimits:
+    """Per-row stop strings and max_tokens for a padded batch."""
+
+    def __init__(self, tokenizer: Any, stops: list[list[str]], max_news: list[int], prompt_len: int) -> None:
+        self.tokenizer = tokenizer
+        self.stops = stops
+        self.max_news = max_news
+        self.prompt_len = prompt_len
+
+    def __call__(self, input_ids: "torch.Tensor", scores: Any, **kwargs: Any) -> "torch.Tensor":
+        import torch
+
+        n = input_ids.shape[1] - self.prompt_len
+        done = []
+        for row, stops, mx in zip(input_ids, self.stops, self.max_news):
+            if n >= mx:
+                done.append(True)
+                continue
+            if stops:
+                window = max(len(s) for s in stops) + 8
+                text = self.tokenizer.decode(row[max(self.prompt_len, row.shape[0] - window) :].tolist(), skip_special_tokens=True)
+                done.append(any(s in text for s in stops))
+            else:
+                done.append(False)
+        return torch.tensor(done, device=input_ids.device)
+
+
+class _QueueStreamer:
+    """A transformers streamer that hands generated token ids to another thread."""
+
+    _END = object()
+
+    def __init__(self) -> None:
+        self.q: queue.Queue[Any] = queue.Queue()
+        self.prompt_seen = False
+        self.stop_requested = False
+        self.error: BaseException | None = None
+
+    def put(self, value: "torch.Tensor") -> None:
+        if not self.prompt_seen:  # generate() first puts the prompt
+            self.prompt_seen = True
+            return
+        for t in value.reshape(-1).tolist():
+            self.q.put(int(t))
+
+    def end(self) -> None:
+        self.q.put(self._END)
+
+    def fail(self, e: BaseException) -> None:
+        self.error = e
+        self.q.put(self._END)
+
+    def raise_if_failed(self) -> None:
+        if self.error is not None:
+            raise self.error
+
+    def __iter__(self) -> Iterator[int]:
+        while True:
+            item = self.q.get()
+            if item is self._END:
+                return
+            yield item
+
+
+class _StopFlag:
+    """Lets the consumer of a stream stop generation early (client went away, stop string)."""
+
+    def __init__(self, streamer: _QueueStreamer) -> None:
+        self.streamer = streamer
+
+    def __call__(self, input_ids: "torch.Tensor", scores: Any, **kwargs: Any) -> "torch.Tensor":
+        import torch
+
+        return torch.full((input_ids.shape[0],), self.streamer.stop_requested, dtype=torch.bool, device=input_ids.device)
+
+
+class RemoteExpert(BaseSystem):
+    """An expert behind an OpenAI-compatible HTTP endpoint (vLLM, SGLang, another ``collab serve``).
+
+    ``url`` is the API base (``http://host:port/v1``). Chat requests go to
+    ``/chat/completions``, raw prompts to ``/completions``; streaming reads the
+    server-sent events. ``loglikelihood`` uses ``/completions`` with
+    ``echo`` and ``logprobs``, which vLLM and collab serve support.
+    """
+
+    def __init__(self, url: str, model: str, api_key: str | None = None, name: str | None = None, timeout: float = 120.0) -> None:
+        import httpx
+
+        self.url = url.rstrip("/")
+        self.model = model
+        self.name = name or model
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self._client = httpx.Client(base_url=self.url, headers=headers, timeout=timeout)
+
+    def _body(self, request: GenerationRequest, stream: bool) -> tuple[str, dict[str, Any]]:
+        body: dict[str, Any] = {
+            "model": self.model,
+            "max_tokens": request.max_tokens,
+            "temperature": request.temperature,
+            "top_p": request.top_p,
+            "stream": stream,
+        }
+        if request.stop:
+            body["stop"] = request.stop
+        if request.seed is not None:
+            body["seed"] = request.seed
+        if stream:
+            body["stream_options"] = {"include_usage": True}
+        if request.messages is not None:
+            body["messages"] = request.messages
+            return "/chat/completions", body
+        body["prompt"] = request.prompt
+        return "/completions", body
+
+    def _trace(self, remote_trace: Any = None) -> dict[str, Any]:
+        t: dict[str, Any] = {"system": self.name, "type": "remote", "expert": self.name, "url": self.url, "model": self.model}
+        if remote_trace:
+            t["remote"] = remote_trace
+        return t
+
+    def _post(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
+        import httpx
+
+        from collab.errors import RemoteError
+
+        try:
+            resp = self._client.post(path, json=body)
+        except httpx.HTTPError as e:
+            raise RemoteError(f"remote expert '{self.name}' at {self.url}{path}: {type(e).__name__}: {e}") from e
+        if resp.status_code != 200:
+            raise RemoteError(f"remote expert '{self.name}' at {self.url}{path}: HTTP {resp.status_code}: {_error_message(resp)}")
+        return resp.json()
+
+    def generate(self, request: GenerationRequest) -> Completion:
+        path, body = self._body(request, stream=False)
+        data = self._post(path, body)
+        choice = data["choices"][0]
+        text = choice["message"]["content"] if "message" in choice else choice["text"]
+        usage = data.get("usage") or {}
+        return Completion(
+            text=text or "",
+            finish_reason=choice.get("finish_reason") or "stop",
+            usage=Usage(int(usage.get("prompt_tokens", 0)), int(usage.get("completion_tokens", 0))),
+            trace=self._trace(data.get("collab")),
+        )
+
+    def stream(self, request: GenerationRequest) -> Iterator[StreamChunk]:
+        import httpx
+
+        from collab.errors import RemoteError
+
+        path, body = self._body(request, stream=True)
+        finish: str | None = None
+        usage = Usage()
+        remote_trace = None
+        try:
+            with self._client.stream("POST", path, json=body) as resp:
+                if resp.status_code != 200:
+                    resp.read()
+                    raise RemoteError(f"remote expert '{self.name}' at {self.url}{path}: HTTP {resp.status_code}: {_error_message(resp)}")
+                for line in resp.iter_lines():
+                    if not line.startswith("data:"):
+                        continue
+                    payload = line[5:].strip()
+                    if payload == "[DONE]":
+                        break
+                    event = json.loads(payload)
+                    if event.get("usage"):
+                        u = event["usage"]
+                        usage = Usage(int(u.get("prompt_tokens", 0)), int(u.get("completion_tokens", 0)))
+                    remote_trace = event.get("collab") or remote_trace
+                    for choice in event.get("choices") or []:
+                        delta = choice.get("delta", {}).get("content") if "delta" in choice else choice.get("text")
+                        if delta:
+                            yield StreamChunk(text=delta)
+                        if choice.get("finish_reason"):
+                            finish = choice["finish_reason"]
+        except httpx.HTTPError as e:
+            raise RemoteError(f"remote expert '{self.name}' at {self.url}{path}: {type(e).__name__}: {e}") from e
+        yield StreamChunk(text="", finish_reason=finish or "stop", usage=usage, trace=self._trace(remote_trace))
+
+    def loglikelihood(self, context: str, continuation: str) -> float:
+        from collab.errors import RemoteError
+
+        body = {"model": self.model, "prompt": context + continuation, "max_tokens": 0, "echo": True, "logprobs": 1, "temperature": 0}
+        data = self._post("/completions", body)
+        lp = (data["choices"][0].get("logprobs") or {})
+        offsets, token_lps = lp.get("text_offset"), lp.get("token_logprobs")
+        if not offsets or token_lps is None:
+            raise RemoteError(f"remote expert '{self.name}': the endpoint returned no echoed logprobs; it cannot score text")
+        start = len(context)
+        return float(sum(v for off, v in zip(offsets, token_lps) if off >= start and v is not None))
+
+    def close(self) -> None:
+        self._client.close()
+
+
+def _error_message(resp: Any) -> str:
+    try:
+        err = resp.json().get("error")
+        if isinstance(err, dict):
+            return str(err.get("message"))
+        return str(err or resp.text[:200])
+    except ValueError:
+        return resp.text[:200]

@@ -1,0 +1,1 @@
+"""collab's merging package."""
