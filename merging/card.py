@@ -1,0 +1,64 @@
+"""The README model card of a merged model: its inputs and parameters.
+
+Written by collab rather than mergekit, whose card generator asks the Hub about
+every relative path (and fails offline)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import yaml
+
+from merging.config import MergePlan
+
+
+def model_card(plan: MergePlan, name: str, extra: dict[str, Any] | None = None) -> str:
+    """Markdown with YAML front matter listing the method, inputs and config."""
+    m = plan.method
+    front = {"library_name": "transformers", "tags": ["merge", "collab", m.name]}
+    if plan.base_ref:
+        front["base_model"] = plan.base_ref
+    method = f"[{m.pretty_name or m.name}]({m.reference_url})" if m.reference_url else m.name
+    lines = [
+        "---",
+        yaml.safe_dump(front, sort_keys=False).rstrip(),
+        "---",
+        f"# {name}",
+        "",
+        f"A merge of {len(plan.model_refs)} models made with `collab merge` ({method}, implemented by {m.source}).",
+        "",
+        "## Inputs",
+        "",
+        "| reference | kind | resolved to | notes |",
+        "|---|---|---|---|",
+    ]
+    for ref in plan.model_refs:
+        inp = plan.inputs[ref]
+        role = " (base)" if ref == plan.base_ref else ""
+        lines.append(f"| `{ref}`{role} | {inp.kind} | `{inp.path}` | {'; '.join(inp.notes)} |")
+    params = _parameters(plan.raw)
+    lines += ["", "## Parameters", ""]
+    lines += [f"- `{loc}`: `{value}`" for loc, value in params] or ["- (method defaults)"]
+    for title, body in (extra or {}).items():
+        lines += ["", f"## {title}", "", str(body).rstrip()]
+    lines += ["", "## Configuration", "", "```yaml", plan.source_text.rstrip(), "```", ""]
+    return "\n".join(lines)
+
+
+def _parameters(raw: dict[str, Any]) -> list[tuple[str, Any]]:
+    out: list[tuple[str, Any]] = []
+    for k, v in (raw.get("parameters") or {}).items():
+        out.append((k, v))
+    for m in raw.get("models") or []:
+        for k, v in (m.get("parameters") or {}).items():
+            out.append((f"{m['model']}.{k}", v))
+    for i, s in enumerate(raw.get("slices") or []):
+        for k, v in (s.get("parameters") or {}).items():
+            out.append((f"slices[{i}].{k}", v))
+        for src in s.get("sources") or []:
+            for k, v in (src.get("parameters") or {}).items():
+                out.append((f"slices[{i}].{src['model']}.{k}", v))
+    for key in ("dtype", "out_dtype", "tokenizer_source", "chat_template"):
+        if raw.get(key) is not None:
+            out.append((key, raw[key]))
+    return out

@@ -1,0 +1,107 @@
+"""``ties_fast``: TIES merging (Yadav et al. 2023) with a selection threshold.
+
+mergekit's TIES keeps the top-``density`` fraction of each task vector by
+magnitude with a full ``argsort`` of the tensor (O(n log n)). Keeping every
+entry whose magnitude is at least the k-th largest (``torch.kthvalue``, O(n))
+selects the same entries except among exactly equal magnitudes at the threshold,
+and is several times faster on CPU. Everything else (sign election by sum,
+disjoint mean, ``normalize``, ``lambda``, ``rescale``) is mergekit's code path,
+so the output equals ``ties`` up to those ties.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from merging.methods import MethodInfo, Param, register
+
+REFERENCE_URL = "https://arxiv.org/abs/2306.01708"
+
+
+def magnitude_mask(tensor: Any, density: float) -> Any:
+    """Boolean mask of the ``density`` fraction of largest-magnitude entries (same
+    shape as ``tensor``), or None when everything is kept."""
+    import torch
+
+    if density >= 1:
+        return None
+    n = tensor.numel()
+    if density <= 0 or n == 0:
+        return torch.zeros(tensor.shape, dtype=torch.bool, device=tensor.device)
+    k = max(1, int(density * n))
+    w = tensor.abs().reshape(-1)
+    if w.device.type == "cpu":
+        w = w.float()
+    threshold = torch.kthvalue(w, n - k + 1).values  # the k-th largest magnitude
+    return (w >= threshold).reshape(tensor.shape)
+
+
+def _factory() -> Any:
+    from dataclasses import dataclass
+
+    import torch
+    from mergekit.merge_methods.generalized_task_arithmetic import ConsensusMethod, GeneralizedTaskArithmeticMerge, get_mask
+    from mergekit.sparsify import RescaleNorm, SparsificationMethod, rescaled_masked_tensor
+
+    @dataclass(frozen=True)
+    class FastTiesMerge(GeneralizedTaskArithmeticMerge):
+        """mergekit's generalized task arithmetic with TIES' magnitude pruning by threshold."""
+
+        def merge_group(self, group: Any, /, **parameters: Any) -> torch.Tensor:
+            base = group.base.tensor
+            entries = group.non_base
+            if not entries:
+                return base
+            deltas = base.new_empty((len(entries), *base.shape))  # (N, *shape)
+            for index, entry in enumerate(entries):
+                delta = entry.tensor - base
+                keep = magnitude_mask(delta, parameters["density"][entry.id])
+                if keep is not None:
+                    norm = RescaleNorm.l1 if parameters["rescale"] else None
+                    delta = rescaled_masked_tensor(delta, keep.to(delta.dtype), norm)
+                deltas[index] = delta
+                del delta, keep
+            weights = torch.tensor([parameters["weight"][e.id] for e in entries], dtype=deltas.dtype, device=deltas.device)
+            while deltas.dim() > weights.dim():
+                weights.unsqueeze_(-1)
+            deltas.mul_(weights)
+            mask = get_mask(deltas, method=ConsensusMethod.sum, mask_dtype=torch.int8 if parameters["int8_mask"] else base.dtype)
+            mixed = (deltas * mask).sum(dim=0)
+            divisor = (weights * mask).sum(dim=0)
+            divisor[divisor == 0] = 1
+            if parameters["normalize"]:
+                mixed /= divisor
+            if parameters["lambda"] != 1:
+                mixed *= parameters["lambda"]
+            return (base + mixed).to(base.dtype)
+
+    return FastTiesMerge(
+        consensus_method=ConsensusMethod.sum,
+        sparsification_method=SparsificationMethod.magnitude,
+        default_normalize=True,
+        default_rescale=False,
+        method_name="ties_fast",
+        method_pretty_name="TIES (threshold selection)",
+        method_reference_url=REFERENCE_URL,
+    )
+
+
+register(
+    MethodInfo(
+        name="ties_fast",
+        source="collab",
+        engine="mergekit",
+        params=(
+            Param("int8_mask", False),
+            Param("normalize", True),
+            Param("rescale", False),
+            Param("lambda", 1.0),
+            Param("weight", per_model=True, doc="scale of this model's task vector"),
+            Param("density", 1.0, per_model=True, doc="fraction of the task vector kept"),
+        ),
+        base="required",
+        pretty_name="TIES (threshold selection)",
+        reference_url=REFERENCE_URL,
+        mergekit_factory=_factory,
+    )
+)

@@ -1,0 +1,207 @@
+"""``merging.merge``: validate a merge config, run it, and write the merged model
+atomically. mergekit's methods run through mergekit's own ``run_merge``;
+collab's data-aware methods through ``merging.datamerge``."""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+from merging.config import MergePlan, plan_merge
+from merging.errors import MergeError
+from merging.inputs import InputResolver, safetensors_files
+
+#: Parameters per output shard (mergekit's ``--out-shard-size`` default is 5B).
+DEFAULT_SHARD_SIZE = 5_000_000_000
+
+
+@dataclass
+class MergeResult:
+    """What a merge did: where the model is, from what, and how long it took."""
+
+    out_dir: Path | None
+    method: str
+    inputs: list[str]
+    seconds: float
+    dry_run: bool = False
+    tensors: int = 0
+    search_table: list[dict[str, Any]] | None = None
+    notes: list[str] = field(default_factory=list)
+
+
+def merge(
+    config: str | os.PathLike[str] | dict[str, Any],
+    out_dir: str | os.PathLike[str] | None,
+    *,
+    allow_pickle: bool = False,
+    dry_run: bool = False,
+    search: str | None = None,
+    overwrite: bool = False,
+    seed: int | None = None,
+    quiet: bool = False,
+    shard_size: int = DEFAULT_SHARD_SIZE,
+) -> MergeResult:
+    """Merge the models a mergekit-style YAML config (path or dict) names into a
+    Hugging Face directory ``out_dir``.
+
+    Every check (methods, parameter names, base model, architectures, tensor
+    shapes, vocabularies) runs before any tensor is written and raises
+    MergeError. ``dry_run`` stops after the checks. ``search`` (grid, greedy or
+    cmaes) tunes the per-model weights first (see ``merging.search``). The
+    output appears only once complete: an interrupted merge leaves nothing.
+    """
+    t0 = time.perf_counter()
+    if out_dir is None and not dry_run:
+        raise MergeError("out_dir: an output directory is required unless dry_run is set")
+    out = Path(out_dir) if out_dir is not None else None
+    if out is not None and out.exists() and not overwrite and not dry_run:
+        raise MergeError(f"{out}: already exists; choose another output directory or pass overwrite=True (--overwrite)")
+    from collab.io import cache_root
+
+    work_root = cache_root() / "merge-work"
+    work_root.mkdir(parents=True, exist_ok=True)
+    workdir = Path(tempfile.mkdtemp(prefix="run-", dir=work_root))
+    try:
+        def resolver(path: Path | None) -> InputResolver:
+            dirs = [Path.cwd()] + ([path.parent.resolve()] if path is not None else [])
+            return InputResolver(workdir, search_dirs=dirs, allow_pickle=allow_pickle, dry_run=dry_run)
+
+        plan = plan_merge(config, resolver)
+        if search is not None:
+            plan.search = dict(plan.search or {}, method=search)
+        if plan.search is not None:
+            from merging.search import check_search
+
+            check_search(plan)
+        if dry_run:
+            return MergeResult(None, plan.method.name, plan.model_refs, time.perf_counter() - t0, dry_run=True)
+        assert out is not None
+        extra: dict[str, Any] = {}
+        table = None
+        with _progress(quiet) as progress:
+            if plan.search is not None:
+                from merging.search import run_search
+
+                outcome = run_search(plan, workdir=workdir, quiet=quiet, seed=seed)
+                table = outcome.table
+                plan = outcome.plan
+                extra["Coefficient search"] = outcome.markdown()
+            from collab.io import atomic_directory
+
+            with atomic_directory(out, overwrite=overwrite) as tmp:
+                if plan.method.engine == "mergekit":
+                    n = _run_mergekit(plan, tmp, seed=seed, progress=progress, workdir=workdir, shard_size=shard_size)
+                else:
+                    from merging.datamerge import run_collab_method
+
+                    n = run_collab_method(plan, tmp, seed=seed, progress=progress, workdir=workdir, shard_size=shard_size)
+                if not safetensors_files(tmp):
+                    raise MergeError(f"{plan.source_path or 'config'}: the merge produced no weights")
+                _write_card(plan, tmp, out.name, extra, table)
+        return MergeResult(out, plan.method.name, plan.model_refs, time.perf_counter() - t0, tensors=n, search_table=table)
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+class Progress:
+    """A rich progress bar over tensors (a no-op when quiet)."""
+
+    def __init__(self, bar: Any | None) -> None:
+        self.bar = bar
+
+    def start(self, description: str, total: int | None) -> Callable[[int], None]:
+        if self.bar is None:
+            return lambda n=1: None
+        task = self.bar.add_task(description, total=total)
+        return lambda n=1: self.bar.advance(task, n)
+
+
+@contextlib.contextmanager
+def _progress(quiet: bool) -> Iterator[Progress]:
+    if quiet:
+        yield Progress(None)
+        return
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress as RichProgress, TextColumn, TimeElapsedColumn
+
+    bar = RichProgress(
+        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=Console(stderr=True), transient=False
+    )
+    with bar:
+        yield Progress(bar)
+
+
+@contextlib.contextmanager
+def _rich_executor(progress: Progress) -> Iterator[None]:
+    """mergekit has no progress hook, only a tqdm bar inside ``Executor.run``;
+    swap in a subclass that reports each written tensor to the rich bar while
+    ``run_merge`` runs."""
+    import mergekit.merge as mk_merge
+
+    original = mk_merge.Executor
+
+    class _ReportingExecutor(original):  # type: ignore[misc, valid-type]
+        def run(self, quiet: bool = False, desc: str | None = None) -> Iterator[Any]:
+            advance = progress.start("merging tensors", len(self.targets))
+            for task, value in super().run(quiet=True, desc=desc):
+                advance(1)
+                yield task, value
+
+    mk_merge.Executor = _ReportingExecutor
+    try:
+        yield
+    finally:
+        mk_merge.Executor = original
+
+
+def _run_mergekit(plan: MergePlan, out: Path, *, seed: int | None, progress: Progress, workdir: Path, shard_size: int) -> int:
+    from mergekit.merge import run_merge
+    from mergekit.options import MergeOptions
+
+    from merging.methods import ensure_mergekit_registered
+
+    ensure_mergekit_registered(plan.method)
+    options = MergeOptions(
+        copy_tokenizer=True,
+        write_model_card=False,  # collab writes its own (mergekit's asks the Hub)
+        quiet=True,
+        random_seed=seed,
+        out_shard_size=shard_size,
+        lora_merge_cache=str(workdir / "mergekit-lora"),
+        safe_serialization=True,
+        trust_remote_code=False,
+    )
+    config = plan.mergekit_config()
+    with _rich_executor(progress):
+        try:
+            run_merge(copy.deepcopy(config), str(out), options=options)
+        except (RuntimeError, ValueError, TypeError) as e:
+            raise MergeError(f"{plan.source_path or 'config'}: mergekit could not run this merge: {e}") from e
+    return sum(len(_names(f)) for f in safetensors_files(out))
+
+
+def _names(shard: Path) -> list[str]:
+    from safetensors import safe_open
+
+    with safe_open(str(shard), framework="pt") as f:
+        return list(f.keys())
+
+
+def _write_card(plan: MergePlan, out: Path, name: str, extra: dict[str, Any], table: list[dict[str, Any]] | None) -> None:
+    import json
+
+    from collab.io import atomic_write_text
+
+    from merging.card import model_card
+
+    atomic_write_text(out / "README.md", model_card(plan, name, extra))
+    atomic_write_text(out / "merge_config.yaml", plan.source_text)
+    if table is not None:
+        atomic_write_text(out / "merge_search.json", json.dumps(table, indent=2) + "\n")
