@@ -165,9 +165,14 @@ class InputResolver:
 
             tmp = out.with_name(out.name + ".tmp")
             tmp.mkdir(parents=True, exist_ok=True)
+            weight_map: dict[str, str] = {}
             for i, b in enumerate(bins):
                 sd = torch.load(b, map_location="cpu", weights_only=True)
-                save_file({k: v.contiguous() for k, v in sd.items()}, str(tmp / f"model-{i:05d}.safetensors"), metadata={"format": "pt"})
+                shard = "model.safetensors" if len(bins) == 1 else f"model-{i + 1:05d}-of-{len(bins):05d}.safetensors"
+                save_file({k: v.contiguous() for k, v in sd.items()}, str(tmp / shard), metadata={"format": "pt"})
+                weight_map.update({k: shard for k in sd})
+            if len(bins) > 1:
+                (tmp / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
             _copy_side_files(inp.path, tmp)
             os.replace(tmp, out)
         return ResolvedInput(ref=inp.ref, path=out, kind="pickle", notes=[f"converted from {bins[0].name} (--allow-pickle)"])

@@ -1,0 +1,182 @@
+"""Output format, dry runs, atomic writes and clear errors of `collab merge`."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from merging import MergeError, merge
+from tests.merging.conftest import load_weights
+
+
+def _write(tmp_path: Path, cfg: dict[str, Any], name: str = "merge.yaml") -> Path:
+    p = tmp_path / name
+    p.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    return p
+
+
+def _linear(m: dict[str, Path]) -> dict[str, Any]:
+    return {"models": [{"model": str(m["ft1"]), "parameters": {"weight": 0.5}}, {"model": str(m["ft2"]), "parameters": {"weight": 0.5}}],
+            "merge_method": "linear", "dtype": "float32"}
+
+
+def test_output_loads_as_expert_and_generates(merge_models: dict[str, Path], tmp_path: Path) -> None:
+    from collab.experts import Expert
+    from collab.system import GenerationRequest
+
+    # relative paths, resolved against the config's directory (mergekit would ask the Hub about them)
+    os.symlink(merge_models["ft1"], tmp_path / "a")
+    os.symlink(merge_models["ft2"], tmp_path / "b")
+    cfg = {"models": [{"model": "a", "parameters": {"weight": 1.0}}, {"model": "b", "parameters": {"weight": 3.0}}], "merge_method": "linear"}
+    res = merge(_write(tmp_path, cfg), tmp_path / "out", quiet=True, shard_size=20_000)
+    out = tmp_path / "out"
+    assert res.out_dir == out and res.tensors == 21
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) > 1  # sharded
+    card = (out / "README.md").read_text()
+    assert "`a`" in card and "`b`" in card and "Linear" in card and "weight" in card
+    w, a, b = load_weights(out), load_weights(merge_models["ft1"]), load_weights(merge_models["ft2"])
+    k = "model.layers.0.mlp.up_proj.weight"
+    assert float((w[k] - (0.25 * a[k] + 0.75 * b[k])).abs().max()) < 1e-6
+    expert = Expert.load(out)
+    c = expert.generate(GenerationRequest(messages=[{"role": "user", "content": "What is 2 + 2?"}], max_tokens=5))
+    assert c.usage.completion_tokens > 0
+
+
+def test_dry_run_writes_nothing(merge_models: dict[str, Path], tmp_path: Path) -> None:
+    before = set(tmp_path.iterdir())
+    res = merge(_linear(merge_models), tmp_path / "out", dry_run=True, quiet=True)
+    assert res.dry_run and res.out_dir is None and len(res.inputs) == 2
+    assert set(tmp_path.iterdir()) == before
+
+
+def test_interrupted_merge_leaves_no_output(merge_models: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from merging import runner
+
+    calls = {"n": 0}
+    original = runner.Progress.start
+
+    def start(self: Any, description: str, total: int | None) -> Any:
+        def advance(n: int = 1) -> None:
+            calls["n"] += 1
+            if calls["n"] == 5:
+                raise KeyboardInterrupt
+
+        original(self, description, total)
+        return advance
+
+    monkeypatch.setattr(runner.Progress, "start", start)
+    with pytest.raises(KeyboardInterrupt):
+        merge(_linear(merge_models), tmp_path / "out", quiet=True)
+    assert calls["n"] == 5
+    assert list(tmp_path.iterdir()) == []  # neither out nor a partial temp dir
+
+
+def test_existing_output_is_kept_unless_overwrite(merge_models: dict[str, Path], tmp_path: Path) -> None:
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "keep.txt").write_text("x")
+    with pytest.raises(MergeError, match="already exists"):
+        merge(_linear(merge_models), tmp_path / "out", quiet=True)
+    merge(_linear(merge_models), tmp_path / "out", quiet=True, overwrite=True)
+    assert not (tmp_path / "out" / "keep.txt").exists() and (tmp_path / "out" / "model.safetensors").exists()
+
+
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (lambda c, m: c.update(merge_method="linaer"), "unknown method 'linaer'"),
+        (lambda c, m: c["models"][0]["parameters"].update(wieght=1), "unknown parameter 'wieght' for method 'linear'"),
+        (lambda c, m: c.update(merge_method="ties"), "needs a base model"),
+        (lambda c, m: c["models"][1].pop("parameters"), r"models\[1\] .*'weight' is required"),
+        (lambda c, m: c["models"][1].update(model=str(m["base"]) + "-missing"), "not found"),
+        (lambda c, m: c["models"][1].update(model="org/some-hub-model"), "Hub ids are not downloaded"),
+    ],
+)
+def test_bad_config_errors(merge_models: dict[str, Path], tmp_path: Path, edit: Any, message: str) -> None:
+    cfg = _linear(merge_models)
+    edit(cfg, merge_models)
+    with pytest.raises(MergeError, match=message):
+        merge(cfg, tmp_path / "out", quiet=True)
+    assert not (tmp_path / "out").exists()
+
+
+def test_shape_mismatch_names_model_tensor_and_shapes(merge_models: dict[str, Path], tmp_path: Path) -> None:
+    from tests.tiny import make_tiny_model
+
+    wide = make_tiny_model(tmp_path / "wide", seed=3, intermediate=96)
+    cfg = _linear(merge_models)
+    cfg["models"][1]["model"] = str(wide)
+    with pytest.raises(MergeError, match=r"tensor 'model\.layers\.0\.mlp\.down_proj\.weight' has shape \[32, 96\] in '.*wide' but \[32, 64\]"):
+        merge(cfg, tmp_path / "out", quiet=True)
+    assert not (tmp_path / "out").exists()
+
+
+def test_vocabulary_mismatch_needs_tokenizer_rule(merge_models: dict[str, Path], tmp_path: Path) -> None:
+    from tests.merging.conftest import perturb
+
+    other = perturb(merge_models["ft1"], tmp_path / "retok", seed=5)
+    tok = json.loads((other / "tokenizer.json").read_text())
+    vocab = tok["model"]["vocab"]
+    a, b = list(vocab)[40:42]
+    vocab[a], vocab[b] = vocab[b], vocab[a]  # same size, different ids
+    (other / "tokenizer.json").write_text(json.dumps(tok))
+    cfg = _linear(merge_models)
+    cfg["models"][1]["model"] = str(other)
+    with pytest.raises(MergeError, match="tokenizers of .* differ"):
+        merge(cfg, None, dry_run=True, quiet=True)
+
+
+def test_pickle_only_with_allow_pickle(merge_models: dict[str, Path], tmp_path: Path) -> None:
+    import shutil
+
+    import torch
+
+    pk = tmp_path / "pickled"
+    shutil.copytree(merge_models["ft2"], pk)
+    torch.save(load_weights(pk), pk / "pytorch_model.bin")
+    (pk / "model.safetensors").unlink()
+    cfg = _linear(merge_models)
+    cfg["models"][1]["model"] = str(pk)
+    with pytest.raises(MergeError, match="pickled weights only.*--allow-pickle"):
+        merge(cfg, tmp_path / "out", quiet=True)
+    merge(cfg, tmp_path / "out", quiet=True, allow_pickle=True)
+    ref = tmp_path / "ref"
+    merge(_linear(merge_models), ref, quiet=True)
+    w, r = load_weights(tmp_path / "out"), load_weights(ref)
+    assert all(torch.equal(w[k], r[k]) for k in r)
+
+
+def test_lora_adapter_input_is_merged_into_its_base(merge_models: dict[str, Path], tmp_path: Path) -> None:
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(merge_models["base"]))
+    peft_model = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    adapter = tmp_path / "adapter"
+    peft_model.save_pretrained(str(adapter))
+    merged_ref = peft_model.merge_and_unload().state_dict()
+    cfg = {"models": [{"model": str(adapter), "parameters": {"weight": 1.0}}], "merge_method": "linear", "dtype": "float32"}
+    merge(cfg, tmp_path / "out", quiet=True)
+    w = load_weights(tmp_path / "out")
+    k = "model.layers.1.self_attn.q_proj.weight"
+    assert not torch.equal(w[k], load_weights(merge_models["base"])[k])
+    assert float((w[k] - merged_ref[k]).abs().max()) < 1e-6
+
+
+def test_cli_merge_and_dry_run(merge_models: dict[str, Path], tmp_path: Path) -> None:
+    cfg = _write(tmp_path, _linear(merge_models))
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    dry = subprocess.run([sys.executable, "-m", "collab.cli", "merge", str(cfg), str(tmp_path / "o"), "--dry-run"], capture_output=True, text=True, env=env)
+    assert dry.returncode == 0, dry.stderr
+    assert "is valid" in dry.stdout and not (tmp_path / "o").exists()
+    bad = _write(tmp_path, {**_linear(merge_models), "merge_method": "nope"}, "bad.yaml")
+    err = subprocess.run([sys.executable, "-m", "collab.cli", "merge", str(bad), str(tmp_path / "o")], capture_output=True, text=True, env=env)
+    assert err.returncode == 2 and "unknown method 'nope'" in err.stderr
