@@ -1,0 +1,167 @@
+"""collab's own methods: fisher, regmean, weight_matching and ties_fast."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from merging import merge
+from tests.merging.conftest import load_weights, max_abs_diff
+
+TEXTS = [
+    "The capital of France is Paris.",
+    "What is 2 + 2? It is 4.",
+    "def add(a, b):\n    return a + b",
+    "Hello there! How can I help you today?",
+    "0 1 2 3 4 5 6 7 8 9 10",
+    "Reverse the list [1, 2, 3]: [3, 2, 1].",
+]
+
+
+@pytest.fixture()
+def calibration(tmp_path: Path) -> Path:
+    p = tmp_path / "calib.jsonl"
+    p.write_text("".join(json.dumps({"text": t}) + "\n" for t in TEXTS))
+    return p
+
+
+def _cfg(method: str, models: list[Path], weights: list[float] | None = None, **params: Any) -> dict[str, Any]:
+    ms = [{"model": str(m), **({"parameters": {"weight": w}} if weights else {})} for m, w in zip(models, weights or [1.0] * len(models))]
+    return {"models": ms, "merge_method": method, "dtype": "float32", "parameters": params}
+
+
+def test_fisher_with_equal_fishers_is_linear() -> None:
+    from merging.datamerge import fisher_average
+
+    g = torch.Generator().manual_seed(0)
+    ts = [torch.randn(5, 7, generator=g) for _ in range(3)]
+    f = torch.rand(5, 7, generator=g)
+    out = fisher_average(ts, [f, f, f], [0.2, 0.3, 0.5], floor=1e-6)
+    assert torch.allclose(out, 0.2 * ts[0] + 0.3 * ts[1] + 0.5 * ts[2], atol=1e-6)
+    # unequal Fishers pull each entry towards the model that is surer of it
+    out2 = fisher_average(ts[:2], [torch.full((5, 7), 1e3), torch.full((5, 7), 1e-3)], [0.5, 0.5], floor=0)
+    assert torch.allclose(out2, ts[0], atol=1e-4)
+
+
+def test_fisher_merge_end_to_end(merge_models: dict[str, Path], calibration: Path, tmp_path: Path) -> None:
+    cfg = _cfg("fisher", [merge_models["ft1"], merge_models["ft2"]], calibration=str(calibration), calibration_samples=4)
+    merge(cfg, tmp_path / "out", quiet=True)
+    w, a, b = load_weights(tmp_path / "out"), load_weights(merge_models["ft1"]), load_weights(merge_models["ft2"])
+    k = "model.layers.0.mlp.up_proj.weight"
+    lo, hi = torch.minimum(a[k], b[k]), torch.maximum(a[k], b[k])
+    assert bool(((w[k] >= lo - 1e-6) & (w[k] <= hi + 1e-6)).all())  # entrywise convex combination
+    assert not torch.allclose(w[k], 0.5 * (a[k] + b[k]), atol=1e-5)  # not a plain average
+    assert "Fisher" in (tmp_path / "out" / "README.md").read_text()
+
+
+def test_regmean_of_identical_models_is_the_model(merge_models: dict[str, Path], calibration: Path, tmp_path: Path) -> None:
+    ft = merge_models["ft1"]
+    merge(_cfg("regmean", [ft, ft], calibration=str(calibration)), tmp_path / "out", quiet=True)
+    assert max_abs_diff(load_weights(tmp_path / "out"), load_weights(ft)) < 1e-4
+
+
+def test_regmean_solves_the_regression() -> None:
+    """The merged linear layer minimises sum_i ||X_i W^T - X_i W_i^T||^2 (alpha=1)."""
+    from merging.datamerge import regmean_linear
+
+    g = torch.Generator().manual_seed(0)
+    xs = [torch.randn(50, 6, generator=g) for _ in range(2)]
+    ws = [torch.randn(4, 6, generator=g) for _ in range(2)]
+    merged = regmean_linear(ws, [x.T @ x for x in xs], [1.0, 1.0], alpha=1.0)
+    x_all = torch.cat(xs)
+    y_all = torch.cat([x @ w.T for x, w in zip(xs, ws)])
+    lstsq = torch.linalg.lstsq(x_all.double(), y_all.double()).solution.T.float()
+    assert torch.allclose(merged, lstsq, atol=1e-4)
+
+
+def test_regmean_end_to_end_differs_from_average(merge_models: dict[str, Path], calibration: Path, tmp_path: Path) -> None:
+    cfg = _cfg("regmean", [merge_models["ft1"], merge_models["ft2"]], calibration=str(calibration), alpha=0.9)
+    merge(cfg, tmp_path / "out", quiet=True)
+    w, a, b = load_weights(tmp_path / "out"), load_weights(merge_models["ft1"]), load_weights(merge_models["ft2"])
+    lin = "model.layers.1.self_attn.o_proj.weight"
+    norm = "model.layers.1.input_layernorm.weight"
+    assert torch.allclose(w[norm], 0.5 * (a[norm] + b[norm]), atol=1e-6)  # non-linear tensors are averaged
+    assert not torch.allclose(w[lin], 0.5 * (a[lin] + b[lin]), atol=1e-4)
+
+
+def _permuted_copy(src: Path, dst: Path, seed: int) -> Path:
+    """``src`` with every layer's MLP units, kv groups and query heads within
+    groups permuted: the same function, different weights."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    from merging.rebasin import LayerPerms, apply
+
+    shutil.copytree(src, dst)
+    cfg = json.loads((src / "config.json").read_text())
+    sd = load_weights(src)
+    g = torch.Generator().manual_seed(seed)
+    heads, kv = cfg["num_attention_heads"], cfg["num_key_value_heads"]
+    rep = heads // kv
+    for layer in range(cfg["num_hidden_layers"]):
+        groups = torch.randperm(kv, generator=g)
+        q = torch.cat([groups[j] * rep + torch.randperm(rep, generator=g) for j in range(kv)])
+        perms = LayerPerms(mlp=torch.randperm(cfg["intermediate_size"], generator=g), q_heads=q, kv_heads=groups)
+        for k in list(sd):
+            if f".layers.{layer}." in k:
+                sd[k] = apply(k, sd[k], perms, cfg).contiguous()
+    save_file(sd, str(dst / "model.safetensors"), metadata={"format": "pt"})
+    return dst
+
+
+def test_weight_matching_recovers_a_permuted_copy(merge_models: dict[str, Path], tmp_path: Path) -> None:
+    from collab.experts import Expert
+
+    src = merge_models["other1"]
+    perm = _permuted_copy(src, tmp_path / "perm", seed=3)
+    a, p = load_weights(src), load_weights(perm)
+    k = "model.layers.0.mlp.gate_proj.weight"
+    assert not torch.equal(a[k], p[k])
+    # the permuted copy computes the same function
+    ids = torch.tensor([[1, 5, 9, 30, 2]])
+    la = Expert.load(src).model(input_ids=ids).logits
+    lp = Expert.load(perm).model(input_ids=ids).logits
+    assert torch.allclose(la, lp, atol=1e-4)
+    merge(_cfg("weight_matching", [src, perm]), tmp_path / "wm", quiet=True)
+    assert max_abs_diff(load_weights(tmp_path / "wm"), a) == 0.0
+    # a plain average of the two is a different (broken) model
+    merge(_cfg("linear", [src, perm], [1.0, 1.0]), tmp_path / "avg", quiet=True)
+    assert max_abs_diff(load_weights(tmp_path / "avg"), a) > 0.1
+
+
+def test_weight_matching_of_independent_models(merge_models: dict[str, Path], tmp_path: Path) -> None:
+    from collab.experts import Expert
+
+    merge(_cfg("weight_matching", [merge_models["other1"], merge_models["other2"]]), tmp_path / "wm", quiet=True)
+    Expert.load(tmp_path / "wm")  # loads; outputs are checked for quality only in the benchmark
+
+
+def test_ties_fast_equals_ties(merge_models: dict[str, Path], tmp_path: Path) -> None:
+    m = merge_models
+    models = [{"model": str(m["base"])}] + [
+        {"model": str(m[f"ft{i}"]), "parameters": {"weight": w, "density": d}} for i, w, d in ((1, 0.5, 0.3), (2, 0.3, 0.6), (3, 0.2, 0.9))
+    ]
+    out = {}
+    for method in ("ties", "ties_fast"):
+        cfg = {"models": models, "base_model": str(m["base"]), "merge_method": method, "dtype": "float32", "parameters": {"rescale": True}}
+        merge(cfg, tmp_path / method, quiet=True)
+        out[method] = load_weights(tmp_path / method)
+    assert max_abs_diff(out["ties"], out["ties_fast"]) <= 1e-6
+
+
+def test_magnitude_mask_keeps_the_k_largest() -> None:
+    from mergekit.sparsify import magnitude
+
+    from merging.fast_ties import magnitude_mask
+
+    g = torch.Generator().manual_seed(0)
+    t = torch.randn(64, 33, generator=g)
+    for density in (0.01, 0.3, 0.5, 0.99):
+        keep = magnitude_mask(t, density)
+        assert int(keep.sum()) == max(1, int(density * t.numel()))
+        assert torch.equal(t * keep, magnitude(t, density))
