@@ -165,3 +165,38 @@ def test_magnitude_mask_keeps_the_k_largest() -> None:
         keep = magnitude_mask(t, density)
         assert int(keep.sum()) == max(1, int(density * t.numel()))
         assert torch.equal(t * keep, magnitude(t, density))
+
+
+@pytest.mark.parametrize("kind", ["grid", "greedy", "cmaes"])
+def test_search_picks_the_lowest_perplexity_point(kind: str, merge_models: dict[str, Path], calibration: Path, tmp_path: Path) -> None:
+    m = merge_models
+    cfg = {
+        "models": [{"model": str(m["ft1"]), "parameters": {"weight": 0.5}}, {"model": str(m["other1"]), "parameters": {"weight": 0.5}}],
+        "merge_method": "linear",
+        "dtype": "float32",
+        "search": {"eval": str(calibration), "samples": 3, "step": 0.5, "budget": 8},
+    }
+    res = merge(cfg, tmp_path / "out", search=kind, seed=0, quiet=True)
+    table = res.search_table
+    assert table and len(table) >= 2
+    best = min(table, key=lambda r: r["perplexity"])
+    ws = best["weights"]
+    total = ws[str(m["ft1"])] + ws[str(m["other1"])]
+    out = load_weights(tmp_path / "out")
+    a, b = load_weights(m["ft1"]), load_weights(m["other1"])
+    k = "model.layers.0.mlp.up_proj.weight"
+    expect = (ws[str(m["ft1"])] * a[k] + ws[str(m["other1"])] * b[k]) / total
+    assert torch.allclose(out[k], expect, atol=1e-5)  # the written model is the best point
+    saved = json.loads((tmp_path / "out" / "merge_search.json").read_text())
+    assert [r["perplexity"] for r in saved] == [r["perplexity"] for r in table]
+    assert "Coefficient search" in (tmp_path / "out" / "README.md").read_text()
+    # the best point's perplexity is that of the written model
+    from collab.experts import Expert
+
+    e = Expert.load(tmp_path / "out")
+    texts = TEXTS[:3]
+    n = sum(len(e.tokenizer(t).input_ids) for t in texts)
+    import math
+
+    ppl = math.exp(-sum(e.loglikelihood_rolling(t) for t in texts) / n)
+    assert abs(ppl - best["perplexity"]) / ppl < 1e-3

@@ -1,0 +1,248 @@
+"""Coefficient search: tune the per-model ``weight`` of a merge against
+perplexity on the user's text, then merge with the best weights.
+
+- ``grid``: every weight vector on a grid (the simplex when the method
+  normalises weights, e.g. ``linear``; the cube [0, 1]^n otherwise).
+- ``greedy``: greedy soup (Wortsman et al. 2022, https://arxiv.org/abs/2203.05482):
+  models sorted by their own score, each kept if adding it (uniform weights)
+  lowers perplexity.
+- ``cmaes``: CMA-ES (Hansen 2016, https://arxiv.org/abs/1604.00772) over the
+  weights, ``budget`` evaluations.
+
+Every candidate is merged in memory with mergekit's ``merge_state_dicts`` (so
+any method with a per-model ``weight`` works, e.g. linear, task_arithmetic,
+ties, dare_*), loaded into one model and scored with
+``Expert.loglikelihood_rolling``. All inputs are held in memory: meant for
+models of up to a few hundred million parameters.
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from merging.config import MergePlan
+from merging.errors import MergeError
+
+SEARCH_METHODS = ("grid", "greedy", "cmaes")
+_FIELDS = {"method", "eval", "samples", "max_length", "step", "budget", "sigma"}
+
+
+@dataclass
+class SearchOutcome:
+    """The tried points (in order) and the plan with the best weights filled in."""
+
+    plan: MergePlan
+    table: list[dict[str, Any]]
+    best: dict[str, Any]
+
+    def markdown(self) -> str:
+        refs = list(self.best["weights"])
+        lines = ["| # | " + " | ".join(f"w[{r}]" for r in refs) + " | perplexity |", "|---" * (len(refs) + 2) + "|"]
+        for row in self.table:
+            mark = " **best**" if row is self.best else ""
+            lines.append(f"| {row['point']} | " + " | ".join(f"{row['weights'][r]:.3f}" for r in refs) + f" | {row['perplexity']:.4f}{mark} |")
+        return "\n".join(lines)
+
+
+def _searched_refs(plan: MergePlan) -> list[str]:
+    refs = [str(m["model"]) for m in plan.raw.get("models") or []]
+    if plan.method.base in ("required", "optional") and plan.base_ref is not None:
+        refs = [r for r in refs if r != plan.base_ref]
+    return refs
+
+
+def _eval_path(plan: MergePlan) -> Path:
+    s = plan.search or {}
+    rel = s.get("eval") or (plan.raw.get("parameters") or {}).get("calibration")
+    if not rel:
+        raise MergeError("search.eval: name a .txt or .jsonl file of texts to score merges on (perplexity)")
+    p = Path(str(rel)).expanduser()
+    for d in ([plan.source_path.parent] if plan.source_path else []) + [Path.cwd()]:
+        if not p.is_absolute() and (d / p).exists():
+            return (d / p).resolve()
+    if p.exists():
+        return p
+    raise MergeError(f"search.eval: file '{rel}' not found (relative to the config file or the current directory)")
+
+
+def check_search(plan: MergePlan) -> None:
+    """Raise MergeError unless the search block and method can be searched."""
+    s = plan.search or {}
+    unknown = set(s) - _FIELDS
+    if unknown:
+        raise MergeError(f"search: unknown field(s) {sorted(unknown)}; expected {sorted(_FIELDS)}")
+    if s.get("method") not in SEARCH_METHODS:
+        raise MergeError(f"search.method: expected one of {SEARCH_METHODS}, found {s.get('method')!r}")
+    p = plan.method.param("weight")
+    if plan.method.engine != "mergekit" or p is None or not p.per_model:
+        raise MergeError(f"search: method '{plan.method.name}' has no per-model 'weight' to search (use linear, task_arithmetic, ties, dare_*, ...)")
+    if not plan.raw.get("models"):
+        raise MergeError("search: needs 'models:' (slices are not searched)")
+    if len(_searched_refs(plan)) < 2:
+        raise MergeError("search: needs at least two models whose weights can vary")
+    _eval_path(plan)
+
+
+def _scalar_params(plan: MergePlan, refs: list[str]) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
+    shared = {k: v for k, v in (plan.raw.get("parameters") or {}).items()}
+    per: dict[str, dict[str, Any]] = {}
+    for m in plan.raw["models"]:
+        for k, v in (m.get("parameters") or {}).items():
+            if k != "weight":
+                per.setdefault(k, {})[str(m["model"])] = v
+    for k, v in list(shared.items()) + [(k, x) for k, d in per.items() for x in d.values()]:
+        if isinstance(v, (list, dict)):
+            raise MergeError(f"search: parameter {k!r} has a gradient or filter ({v!r}); the search takes scalar parameters only")
+    for k in list(shared):
+        p = plan.method.param(k)
+        if p is not None and p.per_model:
+            per.setdefault(k, {})
+            for r in refs:
+                per[k].setdefault(r, shared[k])
+            del shared[k]
+    shared.pop("weight", None)
+    return shared, per
+
+
+def run_search(plan: MergePlan, *, workdir: Path, quiet: bool, seed: int | None) -> SearchOutcome:
+    """Score candidate weights, then return the plan with the best ones."""
+    import torch
+    from mergekit import merge_methods
+    from mergekit.merge_methods import merge_state_dicts
+
+    from collab.experts import Expert
+    from merging.calibration import read_texts
+    from merging.methods import ensure_mergekit_registered
+    from merging.datamerge import _Reader
+
+    s = plan.search or {}
+    texts = read_texts(_eval_path(plan), int(s.get("samples", 16)))
+    refs = _searched_refs(plan)
+    all_refs = [str(m["model"]) for m in plan.raw["models"]]
+    ensure_mergekit_registered(plan.method)
+    method = merge_methods.get(plan.method.name)
+    shared, per = _scalar_params(plan, refs)
+    state: dict[str, dict[str, Any]] = {}
+    for r in all_refs:
+        reader = _Reader(plan.inputs[r].path)
+        state[r] = {k: reader.get(k) for k in reader.locations}
+    donor = plan.inputs[plan.base_ref or all_refs[0]].path
+    expert = Expert.load(donor, name="search")
+    base = plan.base_ref if plan.method.base in ("required", "optional") else None
+    n_tokens = sum(len(expert.tokenizer(t).input_ids) for t in texts)
+    table: list[dict[str, Any]] = []
+    if seed is not None:
+        torch.manual_seed(seed)
+
+    def score(ws: list[float]) -> float:
+        t0 = time.perf_counter()
+        weights = dict(zip(refs, ws))
+        params = dict(shared, weight={r: weights.get(r, 1.0) for r in all_refs}, **{k: dict(v) for k, v in per.items()})
+        if base is not None:
+            params["weight"].pop(base, None)
+            for k in per:
+                params[k].pop(base, None)
+        with torch.no_grad():
+            merged = merge_state_dicts(state, method, parameters=params, base=base, dtype=torch.float32)
+            expert.model.load_state_dict(merged, strict=False)
+        nll = -sum(expert.loglikelihood_rolling(t) for t in texts)
+        ppl = math.exp(nll / max(1, n_tokens))
+        table.append({"point": len(table) + 1, "weights": {r: round(float(w), 6) for r, w in weights.items()}, "perplexity": ppl,
+                      "seconds": round(time.perf_counter() - t0, 3)})
+        if not quiet:
+            import sys
+
+            sys.stderr.write(f"search point {len(table)}: weights {[round(float(w), 3) for w in ws]} perplexity {ppl:.4f}\n")
+        return ppl
+
+    normalised = bool(shared.get("normalize", plan.method.param("normalize").default if plan.method.param("normalize") else False))
+    kind = s["method"]
+    if kind == "grid":
+        _grid(score, len(refs), float(s.get("step", 0.25)), normalised, int(s.get("budget", 64)))
+    elif kind == "greedy":
+        _greedy(score, len(refs))
+    else:
+        _cmaes(score, len(refs), int(s.get("budget", 24)), float(s.get("sigma", 0.3)), seed)
+    best = min(table, key=lambda r: r["perplexity"])
+    return SearchOutcome(_with_weights(plan, best["weights"]), table, best)
+
+
+def _grid(score: Any, n: int, step: float, simplex: bool, budget: int) -> None:
+    levels = [round(i * step, 6) for i in range(int(round(1 / step)) + 1)]
+    points = [p for p in itertools.product(levels, repeat=n) if sum(p) > 0 and (not simplex or abs(sum(p) - 1) < 1e-6)]
+    if len(points) > budget:
+        raise MergeError(f"search.step: a grid of step {step} over {n} models has {len(points)} points, more than search.budget={budget}; raise the step or the budget")
+    for p in points:
+        score(list(p))
+
+
+def _greedy(score: Any, n: int) -> None:
+    alone = [(score([1.0 if j == i else 0.0 for j in range(n)]), i) for i in range(n)]
+    order = [i for _, i in sorted(alone)]
+    soup, best = [order[0]], min(alone)[0]
+    for i in order[1:]:
+        trial = soup + [i]
+        ppl = score([1.0 / len(trial) if j in trial else 0.0 for j in range(n)])
+        if ppl < best:
+            soup, best = trial, ppl
+
+
+def _cmaes(score: Any, n: int, budget: int, sigma: float, seed: int | None) -> None:
+    """A compact (mu/mu_w, lambda)-CMA-ES over weights clipped to [0, 2]."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    lam = 4 + int(3 * math.log(n))
+    mu = lam // 2
+    w = np.log(mu + 0.5) - np.log(np.arange(1, mu + 1))
+    w /= w.sum()
+    mueff = 1 / (w**2).sum()
+    cc, cs = (4 + mueff / n) / (n + 4 + 2 * mueff / n), (mueff + 2) / (n + mueff + 5)
+    c1 = 2 / ((n + 1.3) ** 2 + mueff)
+    cmu = min(1 - c1, 2 * (mueff - 2 + 1 / mueff) / ((n + 2) ** 2 + mueff))
+    damps = 1 + 2 * max(0, math.sqrt((mueff - 1) / (n + 1)) - 1) + cs
+    chin = math.sqrt(n) * (1 - 1 / (4 * n) + 1 / (21 * n * n))
+    mean, C = np.full(n, 1.0 / n), np.eye(n)
+    pc, ps = np.zeros(n), np.zeros(n)
+    evals, gen = 0, 0
+    while evals + lam <= budget:
+        vals, vecs = np.linalg.eigh(C)
+        B, D = vecs, np.sqrt(np.maximum(vals, 1e-20))
+        z = rng.standard_normal((lam, n))
+        y = z @ (B * D).T  # (lam, n)
+        x = np.clip(mean + sigma * y, 0.0, 2.0)
+        y = (x - mean) / sigma
+        f = np.array([score(list(xi)) if xi.sum() > 0 else math.inf for xi in x])
+        evals += lam
+        gen += 1
+        idx = np.argsort(f)[:mu]
+        y_w = w @ y[idx]
+        mean = mean + sigma * y_w
+        inv_sqrt = B @ np.diag(1 / D) @ B.T
+        ps = (1 - cs) * ps + math.sqrt(cs * (2 - cs) * mueff) * inv_sqrt @ y_w
+        hsig = np.linalg.norm(ps) / math.sqrt(1 - (1 - cs) ** (2 * gen)) / chin < 1.4 + 2 / (n + 1)
+        pc = (1 - cc) * pc + hsig * math.sqrt(cc * (2 - cc) * mueff) * y_w
+        C = (1 - c1 - cmu) * C + c1 * np.outer(pc, pc) + cmu * (y[idx].T * w) @ y[idx]
+        sigma *= math.exp((cs / damps) * (np.linalg.norm(ps) / chin - 1))
+
+
+def _with_weights(plan: MergePlan, weights: dict[str, float]) -> MergePlan:
+    new = copy.copy(plan)
+    new.raw, new.resolved = copy.deepcopy(plan.raw), copy.deepcopy(plan.resolved)
+    for m_raw, m_res in zip(new.raw["models"], new.resolved["models"]):
+        r = str(m_raw["model"])
+        if r in weights:
+            for m in (m_raw, m_res):
+                m["parameters"] = dict(m.get("parameters") or {}, weight=weights[r])
+    new.search = None
+    text = yaml.safe_dump(new.raw, sort_keys=False)
+    new.source_text = "# per-model weights chosen by collab merge --search\n" + text
+    return new
