@@ -1,0 +1,129 @@
+"""Generation benchmark for collab.experts.Expert on the real SmolLM2-135M-Instruct.
+
+Prints, measured side by side in one run (the machine is shared, so only the
+ratios mean much):
+  1. tokens/s of Expert.generate vs transformers' raw model.generate on the same prompt (target >= 0.95),
+  2. batched generation of 8 prompts vs 8 sequential calls (target >= 2x),
+  3. load time of the zoo GGUF expert: first load (de-quantise) vs cached (target <= 3 s).
+
+Usage: python bench/generate.py [--reps 5] [--max-tokens 64] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+PROMPTS = [
+    "Write a short story about a robot who learns to paint.",
+    "Explain why the sky is blue in three sentences.",
+    "List five fruits and one fact about each.",
+    "What are the main causes of the French Revolution?",
+    "Describe how a bicycle works.",
+    "Give me a recipe for pancakes.",
+    "What is photosynthesis?",
+    "Write a poem about the sea.",
+]
+
+
+def bench_single(expert, reps: int, max_tokens: int) -> dict:
+    import torch
+
+    from collab.system import GenerationRequest
+
+    req = GenerationRequest.chat(PROMPTS[0], max_tokens=max_tokens)
+    ids = torch.tensor([expert.encode(req)])
+    raw_kw = dict(max_new_tokens=max_tokens, do_sample=False, temperature=None, top_p=None, top_k=None,
+                  pad_token_id=expert.tokenizer.pad_token_id, eos_token_id=expert.eos_token_ids)
+    collab_tps, raw_tps = [], []
+    expert.generate(req)  # warm-up
+    for _ in range(reps):
+        # alternate the two so that machine noise hits both alike
+        t0 = time.perf_counter()
+        c = expert.generate(req)
+        collab_tps.append(c.usage.completion_tokens / (time.perf_counter() - t0))
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            out = expert.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **raw_kw)
+        raw_tps.append((out.shape[1] - ids.shape[1]) / (time.perf_counter() - t0))
+    same = c.usage.completion_tokens == out.shape[1] - ids.shape[1]
+    return {
+        "collab_tokens_per_s": statistics.median(collab_tps),
+        "raw_tokens_per_s": statistics.median(raw_tps),
+        "ratio": statistics.median(collab_tps) / statistics.median(raw_tps),
+        "same_token_count": same,
+        "tokens": c.usage.completion_tokens,
+    }
+
+
+def bench_batch(expert, reps: int, max_tokens: int) -> dict:
+    from collab.system import GenerationRequest
+
+    reqs = [GenerationRequest.chat(p, max_tokens=max_tokens) for p in PROMPTS]
+    seq_t, batch_t = [], []
+    seq_tokens = batch_tokens = 0
+    for _ in range(max(1, reps // 2)):
+        t0 = time.perf_counter()
+        seq = [expert.generate(r) for r in reqs]
+        seq_t.append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        batch = expert.generate_batch(reqs)
+        batch_t.append(time.perf_counter() - t0)
+        seq_tokens = sum(c.usage.completion_tokens for c in seq)
+        batch_tokens = sum(c.usage.completion_tokens for c in batch)
+    agree = sum(a.text == b.text for a, b in zip(seq, batch))
+    return {
+        "sequential_s": statistics.median(seq_t),
+        "batched_s": statistics.median(batch_t),
+        "sequential_tokens_per_s": seq_tokens / statistics.median(seq_t),
+        "batched_tokens_per_s": batch_tokens / statistics.median(batch_t),
+        "speedup": statistics.median(seq_t) / statistics.median(batch_t),
+        "identical_outputs": f"{agree}/{len(reqs)}",
+    }
+
+
+def bench_load() -> dict:
+    code = "import time,sys; t=time.perf_counter(); from collab.experts import Expert; Expert.load('zoo:smollm2-135m-instruct'); print(time.perf_counter()-t)"
+    with tempfile.TemporaryDirectory() as cache:
+        env = dict(os.environ, COLLAB_CACHE=cache)
+        first = float(subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout.split()[-1])
+        cached = [float(subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout.split()[-1]) for _ in range(3)]
+    return {"first_load_s": first, "cached_load_s": statistics.median(cached)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--max-tokens", type=int, default=64)
+    ap.add_argument("--json", default=None)
+    ap.add_argument("--skip-load", action="store_true")
+    args = ap.parse_args()
+
+    import torch
+
+    from collab.experts import Expert
+
+    expert = Expert.load("zoo:smollm2-135m-instruct")
+    results = {"machine": f"{os.cpu_count()} CPU cores, torch {torch.__version__}, threads {torch.get_num_threads()}"}
+    results["single"] = s = bench_single(expert, args.reps, args.max_tokens)
+    print(f"Expert.generate {s['collab_tokens_per_s']:.1f} tok/s vs raw model.generate {s['raw_tokens_per_s']:.1f} tok/s: ratio {s['ratio']:.3f} (target >= 0.95)")
+    results["batch"] = b = bench_batch(expert, args.reps, args.max_tokens)
+    print(f"8 prompts: sequential {b['sequential_s']:.2f} s, batched {b['batched_s']:.2f} s: speed-up {b['speedup']:.2f}x (target >= 2x); identical outputs {b['identical_outputs']}")
+    if not args.skip_load:
+        results["load"] = ld = bench_load()
+        print(f"load zoo:smollm2-135m-instruct: first (de-quantise) {ld['first_load_s']:.1f} s, cached {ld['cached_load_s']:.2f} s (target <= 3 s); in a fresh process, imports included")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
