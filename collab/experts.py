@@ -561,14 +561,26 @@ class Expert(BaseSystem):
         ``.past_key_values`` (the KV cache) and, if asked, ``.hidden_states``."""
         import torch
 
+        kwargs: dict[str, Any] = {"output_hidden_states": output_hidden_states, "use_cache": use_cache}
+        if past_key_values is not None:
+            # transformers >= 5.2x names the KV cache argument ``cache``; older releases ``past_key_values``
+            kwargs[self._cache_arg] = past_key_values
         with self._lock, torch.inference_mode():
-            return self.model(
+            out = self.model(
                 input_ids=input_ids.to(self.device),
                 attention_mask=None if attention_mask is None else attention_mask.to(self.device),
-                past_key_values=past_key_values,
-                output_hidden_states=output_hidden_states,
-                use_cache=use_cache,
+                **kwargs,
             )
+        if not hasattr(out, "past_key_values") and hasattr(out, "cache"):
+            out.past_key_values = out.cache
+        return out
+
+    @property
+    def _cache_arg(self) -> str:
+        import inspect
+
+        params = inspect.signature(self.model.forward).parameters
+        return "cache" if "cache" in params else "past_key_values"
 
 
 def _apply_adapter(model: Any, adapter_dir: Path) -> Any:

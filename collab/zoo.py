@@ -41,6 +41,9 @@ class ZooEntry:
 
     @property
     def installed(self) -> bool:
+        if self.package == "collab-llm":  # a domain expert shipped in (or built into) collab itself
+            assert self.locate is not None
+            return (self.locate(self) / "adapter_model.safetensors").exists()
         return self.module_dir() is not None
 
     def version(self) -> str | None:
@@ -59,7 +62,7 @@ class ZooEntry:
     def size_bytes(self) -> int | None:
         if not self.installed:
             return None
-        d = self.module_dir()
+        d = self.locate(self) if self.package == "collab-llm" and self.locate else self.module_dir()
         assert d is not None
         return sum(p.stat().st_size for p in d.rglob("*") if p.is_file()) or None
 
@@ -144,9 +147,33 @@ BASE_MODELS: dict[str, ZooEntry] = {
 }
 
 
+def _domain_path(entry: ZooEntry) -> Path:
+    from collab.zoo_build import shipped_dir
+
+    return shipped_dir() / entry.name
+
+
+def _domain_experts() -> dict[str, ZooEntry]:
+    from collab import skills
+
+    return {
+        f"smol-{skill}": ZooEntry(
+            name=f"smol-{skill}",
+            kind="causal-lm",
+            package="collab-llm",
+            module="collab",
+            install=f"collab zoo build --only smol-{skill}",
+            description=f"SmolLM2-135M-Instruct + LoRA on {skill}: {desc}",
+            approx_mb=5,
+            locate=_domain_path,
+        )
+        for skill, desc in skills.SKILL_DESCRIPTIONS.items()
+    }
+
+
 def entries() -> dict[str, ZooEntry]:
     """Every zoo entry by name: the base models and the domain experts built on them."""
-    return dict(BASE_MODELS)
+    return {**BASE_MODELS, **_domain_experts()}
 
 
 def get(name: str) -> ZooEntry:
@@ -164,7 +191,15 @@ def resolve(name: str) -> "ResolvedRef":
     if entry.kind != "causal-lm":
         raise ModelLoadError(f"zoo:{name}: is a {entry.kind}, not a causal language model; it cannot be loaded as an Expert")
     if not entry.installed:
+        if entry.package == "collab-llm":
+            raise ModelLoadError(f"zoo:{name}: the domain expert is not built; build it with: {entry.install}")
         raise ModelLoadError(f"zoo:{name}: package '{entry.package}' is not installed; install it with: {entry.install}")
+    if entry.package == "collab-llm":
+        from collab.experts import resolve_ref
+
+        res = resolve_ref(entry.path())
+        res.name = name
+        return res
     version = entry.version() or "0"
     key = f"zoo-{name}-{version}"
     if name == "gemma3-270m":

@@ -1,0 +1,271 @@
+"""``collab zoo build``: fine-tune the zoo's domain experts from SmolLM2-135M-Instruct.
+
+Each domain expert is a LoRA adapter (PEFT) trained on one skill of
+``collab.skills`` with seeded, generated data; the adapter, its training config
+and the hash of its training data are written as safetensors + JSON. Training
+checkpoints every ``checkpoint_every`` steps (adapter and optimizer state as
+safetensors), so an interrupted build resumes where it stopped and ends with
+the same weights.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import typer
+
+from collab import skills
+
+DEFAULT_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+@dataclass
+class DomainExpertConfig:
+    """How one domain expert is trained (recorded in its ``collab_train.json``)."""
+
+    skill: str
+    base: str = "zoo:smollm2-135m-instruct"
+    method: str = "lora"
+    rank: int = 8
+    alpha: int = 16
+    target_modules: list[str] = field(default_factory=lambda: list(DEFAULT_TARGETS))
+    learning_rate: float = 2e-3
+    steps: int = 250
+    batch_size: int = 16
+    train_examples: int = 4000
+    warmup_steps: int = 15
+    seed: int = 0
+    data_seed: int = skills.TRAIN_SEED
+    checkpoint_every: int = 50
+    save_dtype: str = "float16"
+
+
+def default_configs() -> dict[str, DomainExpertConfig]:
+    """The shipped domain experts: ``smol-<skill>`` for every skill."""
+    return {f"smol-{s}": DomainExpertConfig(skill=s) for s in skills.SKILLS}
+
+
+def shipped_dir() -> Path:
+    """Where the shipped adapters live (inside the installed package)."""
+    return Path(__file__).parent / "zoo_experts"
+
+
+def _training_texts(expert: Any, examples: list[skills.Example]) -> list[tuple[list[int], int]]:
+    """Token ids of each chat-formatted example and the index where the answer starts."""
+    from collab.system import GenerationRequest
+
+    out = []
+    end = expert.tokenizer.eos_token_id
+    for ex in examples:
+        prompt_ids = expert.encode(GenerationRequest.chat(ex.question))
+        answer_ids = expert.tokenizer(ex.answer, add_special_tokens=False).input_ids + [end]
+        out.append((prompt_ids + answer_ids, len(prompt_ids)))
+    return out
+
+
+def _batch(items: list[tuple[list[int], int]], pad: int) -> tuple[Any, Any, Any]:
+    import torch
+
+    width = max(len(ids) for ids, _ in items)
+    ids = torch.full((len(items), width), pad, dtype=torch.long)
+    labels = torch.full((len(items), width), -100, dtype=torch.long)
+    mask = torch.zeros((len(items), width), dtype=torch.long)
+    for i, (seq, start) in enumerate(items):
+        ids[i, : len(seq)] = torch.tensor(seq)
+        labels[i, start : len(seq)] = torch.tensor(seq[start:])
+        mask[i, : len(seq)] = 1
+    return ids, mask, labels
+
+
+def _data_hash(examples: list[skills.Example]) -> str:
+    from collab.io import sha256_text
+
+    return sha256_text("\n".join(f"{e.question}\t{e.answer}" for e in examples))
+
+
+def _save_checkpoint(ckpt: Path, model: Any, optimizer: Any, step: int, losses: list[float]) -> None:
+    from peft import get_peft_model_state_dict
+    from safetensors.torch import save_file
+
+    from collab.io import atomic_directory, atomic_write_json
+
+    with atomic_directory(ckpt, overwrite=True) as tmp:
+        save_file({k: v.contiguous() for k, v in get_peft_model_state_dict(model).items()}, str(tmp / "adapter.safetensors"))
+        opt_state: dict[str, Any] = {}
+        for i, st in optimizer.state_dict()["state"].items():
+            for k, v in st.items():
+                opt_state[f"{i}.{k}"] = v if hasattr(v, "contiguous") else __import__("torch").tensor(float(v))
+        save_file({k: v.contiguous() for k, v in opt_state.items()}, str(tmp / "optimizer.safetensors"))
+        atomic_write_json(tmp / "state.json", {"step": step, "losses": losses})
+
+
+def _load_checkpoint(ckpt: Path, model: Any, optimizer: Any) -> tuple[int, list[float]]:
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    state = json.loads((ckpt / "state.json").read_text())
+    set_peft_model_state_dict(model, load_file(str(ckpt / "adapter.safetensors")))
+    flat = load_file(str(ckpt / "optimizer.safetensors"))
+    sd = optimizer.state_dict()
+    for key, v in flat.items():
+        i, k = key.split(".", 1)
+        sd["state"].setdefault(int(i), {})[k] = v
+    optimizer.load_state_dict(sd)
+    return int(state["step"]), list(state["losses"])
+
+
+def build_domain_expert(
+    name: str,
+    config: DomainExpertConfig,
+    out_root: Path,
+    progress: Callable[[int, int, float], None] | None = None,
+    stop_after: int | None = None,
+) -> Path:
+    """Train one domain expert into ``out_root/name`` (resuming from its checkpoint).
+
+    ``stop_after`` ends training early after that many steps in this call, as an
+    interruption would (used by tests of resumption)."""
+    import math
+    import random
+
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    from collab.experts import Expert
+    from collab.io import atomic_directory, atomic_write_json
+
+    t0 = time.perf_counter()
+    torch.manual_seed(config.seed)
+    expert = Expert.load(config.base)
+    examples = skills.generate(config.skill, config.train_examples, config.data_seed)
+    data = _training_texts(expert, examples)
+    model = get_peft_model(
+        expert.model,
+        LoraConfig(r=config.rank, lora_alpha=config.alpha, lora_dropout=0.0, target_modules=config.target_modules, task_type="CAUSAL_LM"),
+    )
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=0.0)
+
+    def lr_at(step: int) -> float:
+        if step < config.warmup_steps:
+            return config.learning_rate * (step + 1) / config.warmup_steps
+        frac = (step - config.warmup_steps) / max(1, config.steps - config.warmup_steps)
+        return config.learning_rate * 0.5 * (1 + math.cos(math.pi * frac))
+
+    ckpt = out_root / f".{name}.checkpoint"
+    step, losses = (0, [])
+    if (ckpt / "state.json").exists():
+        step, losses = _load_checkpoint(ckpt, model, optimizer)
+    per_epoch = len(data) // config.batch_size
+    pad = expert.tokenizer.pad_token_id
+    done_here = 0
+    while step < config.steps:
+        epoch, offset = divmod(step, per_epoch)
+        order = list(range(len(data)))
+        random.Random(f"{config.seed}:{epoch}").shuffle(order)  # the batch of a step depends only on the step
+        items = [data[i] for i in order[offset * config.batch_size : (offset + 1) * config.batch_size]]
+        ids, mask, labels = _batch(items, pad)
+        for g in optimizer.param_groups:
+            g["lr"] = lr_at(step)
+        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        done_here += 1
+        losses.append(round(float(loss.detach()), 5))
+        if progress is not None:
+            progress(step, config.steps, losses[-1])
+        if step % config.checkpoint_every == 0 and step < config.steps:
+            _save_checkpoint(ckpt, model, optimizer, step, losses)
+        if stop_after is not None and done_here >= stop_after and step < config.steps:
+            _save_checkpoint(ckpt, model, optimizer, step, losses)
+            raise KeyboardInterrupt(f"stopped after {done_here} steps (step {step} of {config.steps})")
+
+    model.eval()
+    target = out_root / name
+    with atomic_directory(target, overwrite=True) as tmp:
+        model.save_pretrained(str(tmp), safe_serialization=True)
+        _finish_adapter(tmp, config)
+        atomic_write_json(
+            tmp / "collab_train.json",
+            {
+                "name": name,
+                "config": dataclasses.asdict(config),
+                "skill_description": skills.SKILL_DESCRIPTIONS[config.skill],
+                "train_data_sha256": _data_hash(examples),
+                "seconds": round(time.perf_counter() - t0, 1),
+                "final_loss": sum(losses[-20:]) / max(1, len(losses[-20:])),
+                "losses": losses,
+            },
+        )
+    import shutil
+
+    shutil.rmtree(ckpt, ignore_errors=True)
+    return target
+
+
+def _finish_adapter(adapter_dir: Path, config: DomainExpertConfig) -> None:
+    """Point the adapter at its zoo base and store it in ``save_dtype`` to keep it small."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    cfg_path = adapter_dir / "adapter_config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg["base_model_name_or_path"] = config.base
+    cfg_path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+    weights = adapter_dir / "adapter_model.safetensors"
+    dtype = getattr(torch, config.save_dtype)
+    save_file({k: v.to(dtype).contiguous() for k, v in load_file(str(weights)).items()}, str(weights))
+
+
+def build_zoo(only: list[str] | None = None, out_dir: Path | None = None, steps: int | None = None) -> list[Path]:
+    """Build the named domain experts (all by default) with rich progress bars."""
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    from collab.errors import CollabError
+
+    configs = default_configs()
+    names = only or list(configs)
+    unknown = [n for n in names if n not in configs]
+    if unknown:
+        raise CollabError(f"--only: unknown domain expert '{unknown[0]}'; expected one of {', '.join(configs)}")
+    root = out_dir or shipped_dir()
+    root.mkdir(parents=True, exist_ok=True)
+    built = []
+    with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total} loss {task.fields[loss]}"),
+                  TimeElapsedColumn(), TimeRemainingColumn()) as bar:
+        for name in names:
+            cfg = configs[name]
+            if steps is not None:
+                cfg = dataclasses.replace(cfg, steps=steps)
+            task = bar.add_task(f"{name} ({cfg.skill})", total=cfg.steps, loss="-")
+
+            def report(step: int, total: int, loss: float, task: Any = task) -> None:
+                bar.update(task, completed=step, loss=f"{loss:.3f}")
+
+            built.append(build_domain_expert(name, cfg, root, progress=report))
+    return built
+
+
+def register(app: typer.Typer) -> None:
+    """Add ``collab zoo build`` to the ``zoo`` command group."""
+    from collab.cli import zoo_app
+
+    @zoo_app.command("build")
+    def build(
+        only: list[str] = typer.Option(None, "--only", help="Build only this domain expert (repeatable), e.g. smol-arith."),
+        out: Path = typer.Option(None, "--out", help="Write the adapters here instead of the shipped zoo directory."),
+        steps: int = typer.Option(None, "--steps", help="Override the number of training steps."),
+    ) -> None:
+        """Fine-tune the zoo's domain experts (LoRA on SmolLM2-135M-Instruct); resumes if interrupted."""
+        for path in build_zoo(only=only, out_dir=out, steps=steps):
+            info = json.loads((path / "collab_train.json").read_text())
+            typer.echo(f"{info['name']}: {path} ({info['seconds']} s, final loss {info['final_loss']:.4f})")
