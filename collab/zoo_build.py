@@ -35,13 +35,13 @@ class DomainExpertConfig:
     alpha: int = 16
     target_modules: list[str] = field(default_factory=lambda: list(DEFAULT_TARGETS))
     learning_rate: float = 2e-3
-    steps: int = 250
-    batch_size: int = 16
+    steps: int = 150
+    batch_size: int = 8
     train_examples: int = 4000
-    warmup_steps: int = 15
+    warmup_steps: int = 10
     seed: int = 0
     data_seed: int = skills.TRAIN_SEED
-    checkpoint_every: int = 50
+    checkpoint_every: int = 25
     save_dtype: str = "float16"
 
 
