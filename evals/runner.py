@@ -1,0 +1,370 @@
+"""The evaluation runner: any System on any benchmark, batched, resumable.
+
+``evaluate(system, "arc_easy", limit=100, out_dir="runs/smol-arc")`` scores the
+first 100 examples and returns an ``EvalResult``. With ``out_dir`` every example
+is appended to ``results.jsonl`` as soon as it is scored, and ``summary.json``
+is rewritten atomically after each batch; running the same command again skips
+the ids already there, so an interrupted run resumes where it stopped.
+
+Multiple-choice benchmarks are scored by log-likelihood when the system can
+score text (``loglikelihood_batch`` or ``loglikelihood``), else by generating a
+letter. Generation uses ``generate_batch`` where the system has it.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import os
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+from collab.errors import CollabError
+from collab.io import atomic_write_json
+from evals.benchmarks import Benchmark, Example, MultipleChoiceBenchmark, Scored, get_benchmark
+
+RESULTS = "results.jsonl"
+SUMMARY = "summary.json"
+MODES = ("auto", "generate", "loglikelihood")
+
+
+class EvalRunError(CollabError):
+    """A run that cannot proceed: a results directory from another run, a mode the system cannot do."""
+
+
+@dataclass
+class EvalResult:
+    """The outcome of one (system, benchmark) run: the headline score with its
+    bootstrap 95% interval, every metric, token counts, time and the records."""
+
+    benchmark: str
+    system: str
+    mode: str
+    n: int
+    score: float
+    ci_low: float
+    ci_high: float
+    metrics: dict[str, dict[str, float]]
+    tokens: dict[str, int]
+    seconds: float
+    limit: int | None
+    complete: bool
+    groups: dict[str, dict[str, float]] = field(default_factory=dict)
+    out_dir: str | None = None
+    records: list[dict[str, Any]] = field(default_factory=list, repr=False)
+
+    def summary(self) -> dict[str, Any]:
+        """The summary.json content (everything but the records)."""
+        d = asdict(self)
+        d.pop("records")
+        d["status"] = "complete" if self.complete else "running"
+        return d
+
+
+def system_name(system: Any) -> str:
+    return str(getattr(system, "name", None) or type(system).__name__)
+
+
+def resolve_mode(system: Any, bench: Benchmark, mode: str = "auto") -> str:
+    """``generate`` or ``loglikelihood`` for this system and benchmark."""
+    if mode not in MODES:
+        raise EvalRunError(f"mode: expected one of {', '.join(MODES)}, found {mode!r}")
+    can_score = callable(getattr(system, "loglikelihood_batch", None)) or callable(getattr(system, "loglikelihood", None))
+    if not bench.multiple_choice:
+        if mode == "loglikelihood":
+            raise EvalRunError(f"benchmark '{bench.name}' is scored by generation; mode 'loglikelihood' does not apply")
+        return "generate"
+    if mode == "loglikelihood" and not can_score:
+        raise EvalRunError(f"system '{system_name(system)}' cannot score text (no loglikelihood); use mode 'generate'")
+    if mode == "auto":
+        return "loglikelihood" if can_score else "generate"
+    return mode
+
+
+def bootstrap_ci(values: Sequence[float], n_resamples: int = 1000, seed: int = 0) -> tuple[float, float]:
+    """Percentile bootstrap 95% interval of the mean of ``values``."""
+    import numpy as np
+
+    x = np.asarray(values, dtype=np.float64)
+    if x.size == 0:
+        return (float("nan"), float("nan"))
+    if x.size == 1 or np.all(x == x[0]):
+        return (float(x[0]), float(x[0]))
+    rng = np.random.default_rng(seed)
+    means = x[rng.integers(0, x.size, size=(n_resamples, x.size))].mean(axis=1)
+    return (float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5)))
+
+
+# ---------------------------------------------------------------- run directory
+def read_results(path: Path, repair: bool = False) -> list[dict[str, Any]]:
+    """The records of ``results.jsonl``. A torn last line (a run killed mid-write)
+    is dropped, and with ``repair`` cut from the file; a bad line elsewhere is an error."""
+    if not path.exists():
+        return []
+    raw = path.read_bytes()
+    lines = raw.split(b"\n")
+    records: list[dict[str, Any]] = []
+    good_bytes = 0
+    for i, line in enumerate(lines):
+        if not line.strip():
+            good_bytes += len(line) + 1
+            continue
+        try:
+            rec = json.loads(line)
+            if not isinstance(rec, dict) or "id" not in rec:
+                raise ValueError("expected an object with 'id'")
+        except ValueError as e:
+            if all(not rest.strip() for rest in lines[i + 1 :]):
+                if repair:
+                    with open(path, "r+b") as f:
+                        f.truncate(min(good_bytes, len(raw)))
+                break
+            raise EvalRunError(f"{path}:{i + 1}: not a results record ({e})") from e
+        records.append(rec)
+        good_bytes += len(line) + 1
+    return records
+
+
+def _check_run_dir(out: Path, bench: str, system: str, mode: str) -> None:
+    summary = out / SUMMARY
+    found: dict[str, Any] | None = None
+    if summary.exists():
+        try:
+            found = json.loads(summary.read_text(encoding="utf-8"))
+        except ValueError as e:
+            raise EvalRunError(f"{summary}: not valid JSON ({e}); move the directory away or pick another --out") from e
+    else:
+        recs = read_results(out / RESULTS)
+        if recs:
+            found = recs[0]
+    if found is None:
+        return
+    for key, want in (("benchmark", bench), ("system", system), ("mode", mode)):
+        if key in found and found[key] != want:
+            raise EvalRunError(
+                f"{out}: holds a run with {key} '{found[key]}', not '{want}' "
+                f"(benchmark '{found.get('benchmark')}', system '{found.get('system')}'); choose another output directory"
+            )
+
+
+# ------------------------------------------------------------------- scoring
+def _call_ll(system: Any, pairs: list[tuple[str, str]], batch_size: int) -> list[float]:
+    fn = getattr(system, "loglikelihood_batch", None)
+    if callable(fn):
+        params = inspect.signature(fn).parameters
+        out = fn(pairs, batch_size=batch_size) if "batch_size" in params else fn(pairs)
+        return [float(x[0]) if isinstance(x, (tuple, list)) else float(x) for x in out]
+    return [float(system.loglikelihood(c, x)) for c, x in pairs]
+
+
+def _count_tokens(system: Any, texts: Sequence[str]) -> int:
+    tok = getattr(system, "tokenizer", None)
+    if tok is None:
+        return 0
+    return sum(len(tok(t).input_ids) for t in texts)
+
+
+def _run_loglikelihood(system: Any, bench: MultipleChoiceBenchmark, batch: list[Example], batch_size: int) -> list[dict[str, Any]]:
+    pairs: list[tuple[str, str]] = []
+    spans = []
+    for ex in batch:
+        p = bench.pairs(ex)
+        spans.append((len(pairs), len(pairs) + len(p)))
+        pairs.extend(p)
+    t0 = time.perf_counter()
+    lls = _call_ll(system, pairs, batch_size)
+    latency = (time.perf_counter() - t0) / len(batch)
+    recs = []
+    for ex, (a, b) in zip(batch, spans):
+        scored = bench.score_loglikelihoods(ex, lls[a:b])
+        n_tok = _count_tokens(system, [c + x for c, x in pairs[a:b]])
+        pred = scored.detail["pred"]
+        recs.append(
+            _record(ex, bench.context(ex), (ex.choices or [""])[pred], scored, {"system": system_name(system), "mode": "loglikelihood"}, n_tok, 0, latency, "stop")
+        )
+    return recs
+
+
+def _run_generate(system: Any, bench: Benchmark, batch: list[Example], max_tokens: int | None, pool: ThreadPoolExecutor) -> list[dict[str, Any]]:
+    requests = [bench.request(ex, max_tokens=max_tokens) for ex in batch]
+    t0 = time.perf_counter()
+    if len(requests) > 1 and callable(getattr(system, "generate_batch", None)):
+        comps = list(system.generate_batch(requests))
+    else:
+        comps = [system.generate(r) for r in requests]
+    latency = (time.perf_counter() - t0) / len(batch)
+    scores: list[Scored] = list(pool.map(lambda pair: bench.score(pair[0], pair[1].text), zip(batch, comps)))
+    return [
+        _record(ex, req.prompt if req.prompt is not None else "\n\n".join(m["content"] for m in req.messages or []), c.text, s, c.trace, c.usage.prompt_tokens, c.usage.completion_tokens, latency, c.finish_reason)
+        for ex, req, c, s in zip(batch, requests, comps, scores)
+    ]
+
+
+def _record(ex: Example, prompt: str, output: str, s: Scored, trace: dict[str, Any], p_tok: int, c_tok: int, latency: float, finish: str) -> dict[str, Any]:
+    return {
+        "id": ex.id,
+        "prompt": prompt,
+        "output": output,
+        "score": float(s.score),
+        "metrics": s.metrics,
+        "detail": s.detail,
+        "trace": trace,
+        "tokens": {"prompt": int(p_tok), "completion": int(c_tok), "total": int(p_tok + c_tok)},
+        "latency": round(latency, 4),
+        "finish_reason": finish,
+    }
+
+
+# ------------------------------------------------------------------- summary
+def summarize(records: list[dict[str, Any]], bench: Benchmark, system: str, mode: str, limit: int | None, total: int, seconds: float, out_dir: str | None, n_bootstrap: int = 1000) -> EvalResult:
+    metric_names = bench.metric_names if mode == "loglikelihood" or not bench.multiple_choice else ("acc",)
+    metrics: dict[str, dict[str, float]] = {}
+    for m in metric_names:
+        vals = [float(r["metrics"].get(m, r["score"])) for r in records]
+        lo, hi = bootstrap_ci(vals, n_bootstrap)
+        metrics[m] = {"mean": sum(vals) / len(vals) if vals else float("nan"), "ci_low": lo, "ci_high": hi}
+    scores = [r["score"] for r in records]
+    lo, hi = bootstrap_ci(scores, n_bootstrap)
+    groups: dict[str, dict[str, float]] = {}
+    for r in records:
+        g = r.get("group")
+        if g:
+            d = groups.setdefault(g, {"n": 0, "sum": 0.0})
+            d["n"] += 1
+            d["sum"] += r["score"]
+    groups = {g: {"n": d["n"], "score": d["sum"] / d["n"]} for g, d in sorted(groups.items())}
+    tokens = {k: sum(int(r["tokens"][k]) for r in records) for k in ("prompt", "completion", "total")}
+    return EvalResult(
+        benchmark=bench.name,
+        system=system,
+        mode=mode,
+        n=len(records),
+        score=sum(scores) / len(scores) if scores else float("nan"),
+        ci_low=lo,
+        ci_high=hi,
+        metrics=metrics,
+        tokens=tokens,
+        seconds=round(seconds, 3),
+        limit=limit,
+        complete=len(records) == total,
+        groups=groups,
+        out_dir=out_dir,
+        records=records,
+    )
+
+
+# -------------------------------------------------------------------- runner
+def evaluate(
+    system: Any,
+    benchmark: str | Benchmark,
+    limit: int | None = None,
+    out_dir: str | os.PathLike[str] | None = None,
+    batch_size: int = 8,
+    mode: str = "auto",
+    max_tokens: int | None = None,
+    progress: bool = True,
+    score_workers: int = 2,
+    n_bootstrap: int = 1000,
+) -> EvalResult:
+    """Score ``system`` on the first ``limit`` examples of ``benchmark``.
+
+    ``batch_size`` examples go to the system per call (``generate_batch`` /
+    ``loglikelihood_batch``); ``batch_size=1`` asks one example at a time.
+    ``mode`` is ``auto`` (log-likelihood for multiple choice when the system
+    can score text), ``generate`` or ``loglikelihood``. With ``out_dir``, the
+    run is written there as it goes and resumed from there.
+    """
+    bench = get_benchmark(benchmark)
+    name = system_name(system)
+    mode = resolve_mode(system, bench, mode)
+    if limit is not None and limit < 1:
+        raise EvalRunError(f"limit: expected a positive integer, found {limit}")
+    if batch_size < 1:
+        raise EvalRunError(f"batch_size: expected a positive integer, found {batch_size}")
+    examples = bench.examples(limit)
+    wanted = {ex.id for ex in examples}
+    done: dict[str, dict[str, Any]] = {}
+    out = Path(out_dir) if out_dir is not None else None
+    seconds_before = 0.0
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        _check_run_dir(out, bench.name, name, mode)
+        all_ids = {ex.id for ex in bench.examples()}
+        for i, rec in enumerate(read_results(out / RESULTS, repair=True)):
+            if rec["id"] not in all_ids:
+                raise EvalRunError(f"{out / RESULTS}:{i + 1}: id '{rec['id']}' is not an example of benchmark '{bench.name}'")
+            done[rec["id"]] = rec
+        if (out / SUMMARY).exists():
+            try:
+                seconds_before = float(json.loads((out / SUMMARY).read_text()).get("seconds", 0.0))
+            except ValueError:
+                seconds_before = 0.0
+    todo = [ex for ex in examples if ex.id not in done]
+    t0 = time.perf_counter()
+
+    def current(final: bool = False) -> EvalResult:
+        recs = [done[ex.id] for ex in examples if ex.id in done]
+        spent = seconds_before + time.perf_counter() - t0
+        return summarize(recs, bench, name, mode, limit, len(examples), spent, str(out) if out else None, n_bootstrap if final else 200)
+
+    def save(res: EvalResult) -> None:
+        if out is not None:
+            atomic_write_json(out / SUMMARY, res.summary())
+
+    save(current())
+    pbar = _progress(progress, f"{bench.name} · {name}", len(examples), len(examples) - len(todo))
+    results_file = open(out / RESULTS, "a", encoding="utf-8") if out is not None else None
+    try:
+        with ThreadPoolExecutor(max_workers=max(1, score_workers)) as pool:
+            for start in range(0, len(todo), batch_size):
+                batch = todo[start : start + batch_size]
+                if mode == "loglikelihood":
+                    assert isinstance(bench, MultipleChoiceBenchmark)
+                    recs = _run_loglikelihood(system, bench, batch, batch_size)
+                else:
+                    recs = _run_generate(system, bench, batch, max_tokens, pool)
+                for ex, rec in zip(batch, recs):
+                    rec = {"benchmark": bench.name, "system": name, **rec}
+                    if "group" in ex.meta:
+                        rec["group"] = ex.meta["group"]
+                    done[ex.id] = rec
+                    if results_file is not None:
+                        results_file.write(json.dumps(rec, ensure_ascii=False, default=str) + "\n")
+                if results_file is not None:
+                    results_file.flush()
+                    os.fsync(results_file.fileno())
+                    save(current())
+                if pbar is not None:
+                    pbar.advance(len(batch))
+    finally:
+        if results_file is not None:
+            results_file.close()
+        if pbar is not None:
+            pbar.close()
+    result = current(final=True)
+    save(result)
+    return result
+
+
+class _Bar:
+    def __init__(self, description: str, total: int, completed: int) -> None:
+        from rich.console import Console
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+        columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn())
+        self._p = Progress(*columns, console=Console(stderr=True), transient=False)
+        self._p.start()
+        self._task = self._p.add_task(description, total=total, completed=completed)
+
+    def advance(self, n: int) -> None:
+        self._p.advance(self._task, n)
+
+    def close(self) -> None:
+        self._p.stop()
+
+
+def _progress(enabled: bool, description: str, total: int, completed: int) -> _Bar | None:
+    return _Bar(description, total, completed) if enabled else None
