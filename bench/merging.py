@@ -81,7 +81,7 @@ def real_inputs(root: Path) -> dict[str, Path]:
     return out
 
 
-def cost(work: Path) -> list[dict[str, object]]:
+def cost(work: Path, only: list[str] | None = None) -> list[dict[str, object]]:
     from tests.merging.conftest import load_weights
 
     m = real_inputs(work)
@@ -93,6 +93,8 @@ def cost(work: Path) -> list[dict[str, object]]:
     }
     rows = []
     for name, (cfg, ours) in configs.items():
+        if only and name not in only:
+            continue
         cfg = {**cfg, "dtype": "float32"}
         mk_cfg, co_cfg = work / f"{name}-mk.yaml", work / f"{name}-co.yaml"
         mk_cfg.write_text(yaml.safe_dump(cfg, sort_keys=False))
@@ -114,6 +116,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--skip-parity", action="store_true")
     ap.add_argument("--skip-cost", action="store_true")
+    ap.add_argument("--methods", default="", help="comma-separated subset of linear,task_arithmetic,ties for the cost part")
     ap.add_argument("--work", type=Path, default=None, help="keep inputs/outputs here (default: a temp dir)")
     args = ap.parse_args()
     work = args.work or Path(tempfile.mkdtemp(prefix="bench-merging-"))
@@ -126,7 +129,7 @@ def main() -> None:
         for method, d in rows:
             print(f"| {method} | {d:.2e} | {'yes' if d <= 1e-6 else 'NO'} |")
     if not args.skip_cost:
-        rows = cost(work / "cost")
+        rows = cost(work / "cost", [m for m in args.methods.split(",") if m])
         print("\n## Cost: three SmolLM2-135M fp32 inputs (base + 2 seeded perturbations)\n")
         print("| method (collab's) | mergekit-yaml s | collab merge s | time ratio | mergekit peak RSS MiB | collab peak RSS MiB | max abs diff | entries differing |")
         print("|---|---|---|---|---|---|---|---|")

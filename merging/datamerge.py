@@ -112,7 +112,7 @@ class ShardWriter:
         )
 
 
-class _Reader:
+class TensorReader:
     """Reads tensors of one model directory by name, as float32."""
 
     def __init__(self, model_dir: Path) -> None:
@@ -175,7 +175,7 @@ def run_collab_method(plan: MergePlan, out: Path, *, seed: int | None, progress:
     """Run a collab-engine method into ``out`` (a temporary directory); returns the
     number of tensors written."""
     import torch
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import save_file
 
     if seed is not None:
         torch.manual_seed(seed)
@@ -203,7 +203,7 @@ def run_collab_method(plan: MergePlan, out: Path, *, seed: int | None, progress:
             save_file({k: v.contiguous() for k, v in s.items()}, str(path))
             stats.append(path)
             del s
-    readers = [_Reader(d) for d in dirs]
+    readers = [TensorReader(d) for d in dirs]
     perms: list[dict[str, Any]] = [{} for _ in dirs]
     if method == "weight_matching":
         perms = _match_all(readers, names, ref_cfg, bool(_shared(plan, "attention_heads")), progress)
@@ -282,7 +282,7 @@ def _layer_prefix(name: str) -> str | None:
     return m.group(1) if m else None
 
 
-def _match_all(readers: list[_Reader], names: list[str], cfg: dict[str, Any], heads: bool, progress: Any) -> list[dict[str, Any]]:
+def _match_all(readers: list[TensorReader], names: list[str], cfg: dict[str, Any], heads: bool, progress: Any) -> list[dict[str, Any]]:
     from merging import rebasin
 
     if cfg.get("model_type") not in ("llama", "mistral", "qwen2", "qwen3", "olmo2", "granite", "smollm3"):

@@ -5,8 +5,9 @@ magnitude with a full ``argsort`` of the tensor (O(n log n)). Keeping every
 entry whose magnitude is at least the k-th largest (``torch.kthvalue``, O(n))
 selects the same entries except among exactly equal magnitudes at the threshold,
 and is several times faster on CPU. Everything else (sign election by sum,
-disjoint mean, ``normalize``, ``lambda``, ``rescale``) is mergekit's code path,
-so the output equals ``ties`` up to those ties.
+disjoint mean, ``normalize``, ``lambda``, ``rescale``) is mergekit's arithmetic,
+done one model at a time instead of on stacked copies, so the output equals
+``ties`` up to those ties.
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ def _factory() -> Any:
     from dataclasses import dataclass
 
     import torch
-    from mergekit.merge_methods.generalized_task_arithmetic import ConsensusMethod, GeneralizedTaskArithmeticMerge, get_mask
+    from mergekit.merge_methods.generalized_task_arithmetic import ConsensusMethod, GeneralizedTaskArithmeticMerge
     from mergekit.sparsify import RescaleNorm, SparsificationMethod, rescaled_masked_tensor
 
     @dataclass(frozen=True)
@@ -52,22 +53,27 @@ def _factory() -> Any:
             entries = group.non_base
             if not entries:
                 return base
-            deltas = base.new_empty((len(entries), *base.shape))  # (N, *shape)
-            for index, entry in enumerate(entries):
+            # Same arithmetic as mergekit's, one model at a time: no stacked (N, *shape)
+            # copies of deltas, signs and masks.
+            norm = RescaleNorm.l1 if parameters["rescale"] else None
+            deltas, weights = [], []
+            for entry in entries:
                 delta = entry.tensor - base
                 keep = magnitude_mask(delta, parameters["density"][entry.id])
                 if keep is not None:
-                    norm = RescaleNorm.l1 if parameters["rescale"] else None
                     delta = rescaled_masked_tensor(delta, keep.to(delta.dtype), norm)
-                deltas[index] = delta
-                del delta, keep
-            weights = torch.tensor([parameters["weight"][e.id] for e in entries], dtype=deltas.dtype, device=deltas.device)
-            while deltas.dim() > weights.dim():
-                weights.unsqueeze_(-1)
-            deltas.mul_(weights)
-            mask = get_mask(deltas, method=ConsensusMethod.sum, mask_dtype=torch.int8 if parameters["int8_mask"] else base.dtype)
-            mixed = (deltas * mask).sum(dim=0)
-            divisor = (weights * mask).sum(dim=0)
+                w = torch.tensor(parameters["weight"][entry.id], dtype=delta.dtype, device=delta.device)
+                deltas.append(delta.mul_(w))
+                weights.append(w)
+            total = deltas[0].clone()
+            for d in deltas[1:]:
+                total += d
+            majority_positive = total >= 0  # TIES sign election by mass
+            mixed, divisor = total.zero_(), torch.zeros_like(total)
+            for d, w in zip(deltas, weights):
+                agree = torch.where(majority_positive, d > 0, d < 0)
+                mixed += d * agree
+                divisor += w * agree
             divisor[divisor == 0] = 1
             if parameters["normalize"]:
                 mixed /= divisor

@@ -121,7 +121,7 @@ def run_search(plan: MergePlan, *, workdir: Path, quiet: bool, seed: int | None)
     from collab.experts import Expert
     from merging.calibration import read_texts
     from merging.methods import ensure_mergekit_registered
-    from merging.datamerge import _Reader
+    from merging.datamerge import TensorReader
 
     s = plan.search or {}
     texts = read_texts(_eval_path(plan), int(s.get("samples", 16)))
@@ -132,7 +132,7 @@ def run_search(plan: MergePlan, *, workdir: Path, quiet: bool, seed: int | None)
     shared, per = _scalar_params(plan, refs)
     state: dict[str, dict[str, Any]] = {}
     for r in all_refs:
-        reader = _Reader(plan.inputs[r].path)
+        reader = TensorReader(plan.inputs[r].path)
         state[r] = {k: reader.get(k) for k in reader.locations}
     donor = plan.inputs[plan.base_ref or all_refs[0]].path
     expert = Expert.load(donor, name="search")
