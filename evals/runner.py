@@ -22,7 +22,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-from collab.errors import CollabError
+from collab.errors import CollabError, RequestError
+from collab.system import Completion
 from collab.io import atomic_write_json
 from evals.benchmarks import Benchmark, Example, MultipleChoiceBenchmark, Scored, get_benchmark
 
@@ -191,16 +192,28 @@ def _run_loglikelihood(system: Any, bench: MultipleChoiceBenchmark, batch: list[
 def _run_generate(system: Any, bench: Benchmark, batch: list[Example], max_tokens: int | None, pool: ThreadPoolExecutor) -> list[dict[str, Any]]:
     requests = [bench.request(ex, max_tokens=max_tokens) for ex in batch]
     t0 = time.perf_counter()
+    comps: list[Any] | None = None
     if len(requests) > 1 and callable(getattr(system, "generate_batch", None)):
-        comps = list(system.generate_batch(requests))
-    else:
-        comps = [system.generate(r) for r in requests]
+        try:
+            comps = list(system.generate_batch(requests))
+        except RequestError:  # one bad request (e.g. too long): retry one by one below
+            comps = None
+    if comps is None:
+        comps = [_generate_one(system, r) for r in requests]
     latency = (time.perf_counter() - t0) / len(batch)
     scores: list[Scored] = list(pool.map(lambda pair: bench.score(pair[0], pair[1].text), zip(batch, comps)))
     return [
         _record(ex, req.prompt if req.prompt is not None else "\n\n".join(m["content"] for m in req.messages or []), c.text, s, c.trace, c.usage.prompt_tokens, c.usage.completion_tokens, latency, c.finish_reason)
         for ex, req, c, s in zip(batch, requests, comps, scores)
     ]
+
+
+def _generate_one(system: Any, request: Any) -> Any:
+    """``system.generate``, with a request the system refuses (too long, ...) as an empty, scored answer."""
+    try:
+        return system.generate(request)
+    except RequestError as e:
+        return Completion(text="", finish_reason="error", trace={"system": system_name(system), "error": str(e)})
 
 
 def _record(ex: Example, prompt: str, output: str, s: Scored, trace: dict[str, Any], p_tok: int, c_tok: int, latency: float, finish: str) -> dict[str, Any]:
@@ -328,8 +341,9 @@ def evaluate(
                     recs = _run_generate(system, bench, batch, max_tokens, pool)
                 for ex, rec in zip(batch, recs):
                     rec = {"benchmark": bench.name, "system": name, **rec}
-                    if "group" in ex.meta:
-                        rec["group"] = ex.meta["group"]
+                    group = ex.meta.get("group") or ex.meta.get("skill")
+                    if group:
+                        rec["group"] = group
                     done[ex.id] = rec
                     if results_file is not None:
                         results_file.write(json.dumps(rec, ensure_ascii=False, default=str) + "\n")

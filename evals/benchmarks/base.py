@@ -136,8 +136,9 @@ class MultipleChoiceBenchmark(Benchmark):
             raise ValueError(f"{self.name}/{example.id}: {len(lls)} log-likelihoods for {len(conts)} choices")
         gold = int(example.gold)
         pred = _argmax(lls)
-        # lm-eval normalises by the continuation's length in characters.
-        pred_norm = _argmax([ll / max(1, len(c)) for ll, c in zip(lls, conts)])
+        # lm-eval normalises by the choice's length in characters (without the delimiter).
+        lengths = [len(c) - len(self.target_delimiter) if c.startswith(self.target_delimiter) else len(c) for c in conts]
+        pred_norm = _argmax([ll / max(1, n) for ll, n in zip(lls, lengths)])
         acc, acc_norm = float(pred == gold), float(pred_norm == gold)
         metrics = {"acc": acc, "acc_norm": acc_norm}
         return Scored(score=metrics[self.primary], metrics=metrics, detail={"pred": pred, "pred_norm": pred_norm, "gold": gold, "loglikelihoods": [round(x, 4) for x in lls]})

@@ -1,0 +1,152 @@
+"""lm-evaluation-harness model type ``collab``: any collab System under lm-eval.
+
+    python -m evals.lm_eval_cli --model collab \\
+        --model_args spec=examples/spec.yaml,system=smol --tasks arc_easy
+    # or a bare model reference:
+    collab-lm-eval --model collab --model_args spec=zoo:smollm2-135m-instruct --tasks ...
+
+lm-eval finds model types only in modules it has imported (it has no plugin
+entry point for models), so ``collab-lm-eval`` / ``python -m evals.lm_eval_cli``
+import this module and then run lm-eval's own command line unchanged. From
+Python, ``lm_eval.simple_evaluate(model=CollabLM(system=...), ...)`` works too.
+
+``loglikelihood`` and ``loglikelihood_rolling`` need a system that can score
+text (an Expert); ``generate_until`` works on any System. With
+``--apply_chat_template`` the conversation is handed to the system as chat
+messages (each expert then applies its own template, and a router sees the
+conversation), exactly as collab's own runner sends it.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from lm_eval.api.model import LM
+from lm_eval.api.registry import register_model
+
+from collab.errors import CollabError
+from collab.system import GenerationRequest
+
+#: Prefix of the string ``apply_chat_template`` returns: the messages as JSON.
+CHAT_MARKER = "\x00collab-chat\x00"
+
+
+def load_system(spec: str, system: str | None = None) -> Any:
+    """A System from a spec file (``system`` picks one) or a model reference."""
+    if spec.endswith((".yaml", ".yml")):
+        from collab.spec import load_spec
+
+        s = load_spec(spec)
+        names = s.names()
+        if system is None:
+            if len(names) != 1:
+                raise CollabError(f"{spec}: defines {len(names)} systems ({', '.join(names)}); pass system=NAME in --model_args")
+            system = names[0]
+        return s.system(system)
+    if system is not None:
+        raise CollabError("model_args: 'system' needs 'spec' to be a spec .yaml file")
+    from collab.experts import Expert
+
+    return Expert.load(spec)
+
+
+def _messages(context: str) -> list[dict[str, str]] | None:
+    if context.startswith(CHAT_MARKER):
+        return json.loads(context[len(CHAT_MARKER) :])
+    return None
+
+
+@register_model("collab")
+class CollabLM(LM):
+    """lm-eval's LM interface over a collab System. ``model_args``: ``spec``
+    (a spec .yaml or a model ref), ``system`` (a name in the spec), ``batch_size``."""
+
+    def __init__(self, spec: str | None = None, system: Any = None, batch_size: int | str = 8, max_batch_size: Any = None, device: Any = None, **_: Any) -> None:
+        super().__init__()
+        if spec is None and (system is None or isinstance(system, str)):
+            raise CollabError("model_args: give spec=<spec.yaml or model ref> (and system=NAME for a spec)")
+        self.system = load_system(str(spec), system) if spec is not None else system
+        try:
+            self.batch_size = max(1, int(batch_size))
+        except (TypeError, ValueError):  # lm-eval's "auto"
+            self.batch_size = 8
+
+    # ---------------------------------------------------------------- chat
+    @property
+    def tokenizer_name(self) -> str:
+        return f"collab-{getattr(self.system, 'name', 'system')}"
+
+    def chat_template(self, chat_template: bool | str = False) -> str:
+        tok = getattr(self.system, "tokenizer", None)
+        return str(getattr(tok, "chat_template", None) or "collab-plain")
+
+    def apply_chat_template(self, chat_history: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
+        return CHAT_MARKER + json.dumps(list(chat_history))
+
+    def _text(self, context: str) -> str:
+        """The raw text a chat-marked context stands for, for scoring."""
+        msgs = _messages(context)
+        if msgs is None:
+            return context
+        render = getattr(self.system, "render", None)
+        if not callable(render):
+            from collab.experts import render_plain_prompt
+
+            return render_plain_prompt(msgs)
+        return render(GenerationRequest(messages=msgs))
+
+    # ------------------------------------------------------------- scoring
+    def _require_scoring(self) -> None:
+        if not (callable(getattr(self.system, "loglikelihood_batch", None)) or callable(getattr(self.system, "loglikelihood", None))):
+            raise CollabError(f"system '{getattr(self.system, 'name', '?')}' cannot score text; use generation tasks only")
+
+    def loglikelihood(self, requests: list[Any], disable_tqdm: bool = False) -> list[tuple[float, bool]]:
+        self._require_scoring()
+        pairs = [(self._text(r.args[0]), r.args[1]) for r in requests]
+        fn = getattr(self.system, "loglikelihood_batch", None)
+        if callable(fn):
+            out = [(float(ll), bool(g)) for ll, g in fn(pairs, batch_size=self.batch_size)]
+        else:
+            # A system with only loglikelihood() cannot say whether the continuation is greedy.
+            out = [(float(self.system.loglikelihood(c, x)), False) for c, x in pairs]
+        for r, res in zip(requests, out):
+            self.cache_hook.add_partial("loglikelihood", r.args, res)
+        return out
+
+    def loglikelihood_rolling(self, requests: list[Any], disable_tqdm: bool = False) -> list[float]:
+        fn = getattr(self.system, "loglikelihood_rolling", None)
+        if not callable(fn):
+            raise CollabError(f"system '{getattr(self.system, 'name', '?')}' has no loglikelihood_rolling (perplexity tasks need an Expert)")
+        out = []
+        for r in requests:
+            v = float(fn(r.args[0]))
+            self.cache_hook.add_partial("loglikelihood_rolling", r.args, v)
+            out.append(v)
+        return out
+
+    # ----------------------------------------------------------- generation
+    def _request(self, context: str, gen_kwargs: dict[str, Any]) -> GenerationRequest:
+        kw = dict(gen_kwargs or {})
+        until = kw.pop("until", None) or []
+        if isinstance(until, str):
+            until = [until]
+        max_tokens = int(kw.pop("max_gen_toks", kw.pop("max_tokens", 256)))
+        do_sample = bool(kw.pop("do_sample", False))
+        temperature = float(kw.pop("temperature", 0.0) or 0.0) if do_sample else 0.0
+        top_p = float(kw.pop("top_p", 1.0) or 1.0)
+        msgs = _messages(context)
+        common = {"max_tokens": max_tokens, "temperature": temperature, "top_p": top_p, "stop": list(until), "seed": kw.pop("seed", None)}
+        return GenerationRequest(messages=msgs, **common) if msgs is not None else GenerationRequest(prompt=context, **common)
+
+    def generate_until(self, requests: list[Any], disable_tqdm: bool = False) -> list[str]:
+        reqs = [self._request(r.args[0], r.args[1]) for r in requests]
+        texts: list[str] = []
+        batch_fn = getattr(self.system, "generate_batch", None)
+        for start in range(0, len(reqs), self.batch_size):
+            chunk = reqs[start : start + self.batch_size]
+            comps = batch_fn(chunk) if callable(batch_fn) and len(chunk) > 1 else [self.system.generate(q) for q in chunk]
+            texts.extend(c.text for c in comps)
+        for r, t in zip(requests, texts):
+            self.cache_hook.add_partial("generate_until", r.args, t)
+        return texts
