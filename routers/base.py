@@ -1,0 +1,241 @@
+"""The Router base class, its artefact format and the one registry of router kinds.
+
+A router predicts, for each prompt, every expert's expected score in [0, 1]:
+``predict(prompts) -> (n, E)``. Policies (``routers.policies``) turn those
+predictions (and costs) into a choice. A trained router is a directory with
+``config.json`` (type, version, experts, encoder, hyper-parameters, the
+training table's hash) and ``router.safetensors``. No pickle.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from pathlib import Path
+from typing import Any, Callable, ClassVar, Sequence
+
+import numpy as np
+
+from collab.errors import CollabError
+from routers.table import RoutingTable
+
+FORMAT_VERSION = 1
+
+REGISTRY: dict[str, type["Router"]] = {}
+
+
+class RouterError(CollabError, ValueError):
+    """A router artefact or router configuration that is not valid."""
+
+
+def register_router(key: str) -> Callable[[type["Router"]], type["Router"]]:
+    """Class decorator: register a Router under the lowercase key used on the CLI and in config.json."""
+
+    def deco(cls: type[Router]) -> type[Router]:
+        if key != key.lower():
+            raise ValueError(f"router key must be lowercase, found {key!r}")
+        cls.key = key
+        REGISTRY[key] = cls
+        return cls
+
+    return deco
+
+
+def router_names() -> list[str]:
+    _import_all()
+    return sorted(REGISTRY)
+
+
+def _import_all() -> None:
+    import routers.baselines  # noqa: F401
+    import routers.bert  # noqa: F401
+    import routers.learned  # noqa: F401
+
+
+def make_router(key: str, **overrides: Any) -> "Router":
+    """An unfitted router of kind ``key`` with config fields overridden by ``overrides``."""
+    _import_all()
+    if key not in REGISTRY:
+        raise RouterError(f"--router: unknown router '{key}'; expected one of {', '.join(sorted(REGISTRY))}")
+    cls = REGISTRY[key]
+    fields = {f.name for f in dataclasses.fields(cls.config_cls)}
+    bad = sorted(set(overrides) - fields)
+    if bad:
+        raise RouterError(f"router '{key}': unknown option '{bad[0]}'; expected some of {', '.join(sorted(fields))}")
+    return cls(cls.config_cls(**overrides))
+
+
+@dataclasses.dataclass
+class RouterConfig:
+    """Fields every router config has."""
+
+    encoder: str = "minilm"
+    """Text encoder: 'minilm', 'tfidf' or 'minilm+tfidf'."""
+    seed: int = 0
+    """Seed for anything random in training."""
+
+
+class Router:
+    """Base class: subclasses set ``config_cls`` and implement ``_fit``, ``_predict_features``,
+    ``_state`` and ``_load_state``. Encoders are handled here."""
+
+    key: ClassVar[str] = "router"
+    config_cls: ClassVar[type] = RouterConfig
+    reference_url: ClassVar[str | None] = None
+    uses_encoder: ClassVar[bool] = True
+
+    def __init__(self, config: Any = None) -> None:
+        self.config = config if config is not None else self.config_cls()
+        self.experts: list[str] = []
+        self.train_hash: str | None = None
+        self.encoder: Any = None
+        self.meta: dict[str, Any] = {}
+
+    # ------------------------------------------------------------ training
+    def fit(self, table: RoutingTable) -> "Router":
+        """Train on a routing table (its experts become the router's experts)."""
+        if len(table) == 0:
+            raise RouterError(f"{table.source}: cannot train a router on an empty table")
+        self.experts = list(table.experts)
+        self.train_hash = table.content_hash()
+        x = None
+        if self.uses_encoder:
+            from routers.encoders import make_encoder
+
+            self.encoder = make_encoder(self.config.encoder)
+            if hasattr(self.encoder, "fit"):
+                self.encoder.fit(table.prompts)
+            x = self.encoder.encode(table.prompts)
+        self._fit(x, table)
+        return self
+
+    def _fit(self, x: np.ndarray | None, table: RoutingTable) -> None:
+        raise NotImplementedError
+
+    # ------------------------------------------------------------ inference
+    def features(self, prompts: Sequence[str]) -> np.ndarray | None:
+        """The encoder's features for ``prompts`` (None for routers that use no encoder)."""
+        if not self.uses_encoder:
+            return None
+        if self.encoder is None:
+            raise RouterError(f"router '{self.key}': not fitted")
+        return self.encoder.encode(list(prompts))
+
+    def predict(self, prompts: Sequence[str]) -> np.ndarray:
+        """(n, E) predicted score of each expert for each prompt, in ``self.experts`` order."""
+        if not self.experts:
+            raise RouterError(f"router '{self.key}': not fitted (call fit or load)")
+        prompts = list(prompts)
+        if not prompts:
+            return np.zeros((0, len(self.experts)))
+        return self.predict_features(self.features(prompts), prompts)
+
+    def predict_features(self, x: np.ndarray | None, prompts: Sequence[str]) -> np.ndarray:
+        """Predictions from precomputed features (lets ensembles and benchmarks encode once)."""
+        out = np.asarray(self._predict_features(x, list(prompts)), dtype=np.float64)
+        return np.clip(out, 0.0, 1.0)
+
+    def _predict_features(self, x: np.ndarray | None, prompts: list[str]) -> np.ndarray:
+        raise NotImplementedError
+
+    # ------------------------------------------------------------ artefacts
+    def _state(self) -> dict[str, np.ndarray]:
+        return {}
+
+    def _load_state(self, tensors: dict[str, np.ndarray]) -> None:
+        pass
+
+    def hyperparameters(self) -> dict[str, Any]:
+        return dataclasses.asdict(self.config)
+
+    def config_json(self) -> dict[str, Any]:
+        enc = self.encoder.config() if self.encoder is not None else None
+        return {
+            "type": self.key,
+            "version": FORMAT_VERSION,
+            "experts": list(self.experts),
+            "encoder": enc,
+            "hyperparameters": self.hyperparameters(),
+            "train_hash": self.train_hash,
+            "meta": self.meta,
+            "reference_url": self.reference_url,
+        }
+
+    def save(self, directory: str | os.PathLike[str]) -> Path:
+        """Write ``config.json`` and ``router.safetensors`` to ``directory`` atomically."""
+        from safetensors.numpy import save_file
+
+        from collab.io import atomic_directory, atomic_write_json
+        from routers.encoders import encoder_state
+
+        if not self.experts:
+            raise RouterError(f"router '{self.key}': nothing to save, it is not fitted")
+        with atomic_directory(directory, overwrite=True) as tmp:
+            tensors = {f"router.{k}": np.ascontiguousarray(v) for k, v in self._state().items()}
+            if self.encoder is not None:
+                tensors.update({f"encoder.{k}": np.ascontiguousarray(v) for k, v in encoder_state(self.encoder).items()})
+            if not tensors:
+                tensors = {"empty": np.zeros(1, dtype=np.float32)}
+            save_file(tensors, str(tmp / "router.safetensors"))
+            self._save_extra(tmp)
+            atomic_write_json(tmp / "config.json", self.config_json())
+        return Path(directory)
+
+    def _save_extra(self, directory: Path) -> None:
+        """Subclasses that need more files (an ensemble's members) write them here."""
+
+    @classmethod
+    def load(cls, directory: str | os.PathLike[str]) -> "Router":
+        """Load any registered router from its directory (the type is read from config.json)."""
+        from safetensors.numpy import load_file
+
+        from routers.encoders import load_encoder
+
+        d = Path(directory)
+        cfg_path = d / "config.json"
+        if not d.is_dir():
+            raise RouterError(f"{d}: router directory not found")
+        if not cfg_path.is_file():
+            raise RouterError(f"{d}: no config.json (not a trained router directory)")
+        try:
+            cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as e:
+            raise RouterError(f"{cfg_path}: not valid JSON ({e.msg})") from e
+        _import_all()
+        kind = cfg.get("type")
+        if kind not in REGISTRY:
+            raise RouterError(f"{cfg_path}: type: unknown router '{kind}'; expected one of {', '.join(sorted(REGISTRY))}")
+        if int(cfg.get("version", 0)) > FORMAT_VERSION:
+            raise RouterError(f"{cfg_path}: version {cfg.get('version')} is newer than this collab reads ({FORMAT_VERSION})")
+        klass = REGISTRY[kind]
+        fields = {f.name for f in dataclasses.fields(klass.config_cls)}
+        hp = {k: v for k, v in (cfg.get("hyperparameters") or {}).items() if k in fields}
+        router = klass(klass.config_cls(**hp))
+        experts = cfg.get("experts")
+        if not isinstance(experts, list) or not experts:
+            raise RouterError(f"{cfg_path}: experts: expected a non-empty list of expert names, found {experts!r}")
+        router.experts = [str(e) for e in experts]
+        router.train_hash = cfg.get("train_hash")
+        router.meta = cfg.get("meta") or {}
+        st = d / "router.safetensors"
+        if not st.is_file():
+            raise RouterError(f"{d}: router.safetensors not found")
+        tensors = load_file(str(st))
+        if cfg.get("encoder") is not None:
+            enc_t = {k[len("encoder."):]: v for k, v in tensors.items() if k.startswith("encoder.")}
+            router.encoder = load_encoder(cfg["encoder"], enc_t)
+        router._load_state({k[len("router."):]: v for k, v in tensors.items() if k.startswith("router.")})
+        router._load_extra(d)
+        return router
+
+    def _load_extra(self, directory: Path) -> None:
+        pass
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(experts={self.experts}, config={self.config})"
+
+
+def load_router(directory: str | os.PathLike[str]) -> Router:
+    """``Router.load``: any trained router directory."""
+    return Router.load(directory)

@@ -1,0 +1,313 @@
+"""Text encoders for routers: the offline MiniLM sentence encoder and TF-IDF.
+
+Sentence embeddings are cached on disk by content hash under
+``collab.io.cache_root()/embeddings/<encoder-id>/``: each call that computes new
+vectors appends one safetensors shard holding the texts' SHA-256 digests and
+their vectors, so any later subset of the same texts (another split, another
+seed) costs a dictionary lookup. No pickle anywhere.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import threading
+from pathlib import Path
+from typing import Any, Protocol, Sequence
+
+import numpy as np
+
+from collab.errors import CollabError
+
+
+class Encoder(Protocol):
+    """Turns texts into a dense float32 matrix (n, dim)."""
+
+    name: str
+
+    def encode(self, texts: Sequence[str]) -> np.ndarray: ...
+
+    def config(self) -> dict[str, Any]: ...
+
+
+def _digest(text: str) -> bytes:
+    return hashlib.sha256(text.encode("utf-8")).digest()
+
+
+class EmbeddingCache:
+    """Content-addressed store of vectors for one encoder, in safetensors shards."""
+
+    def __init__(self, encoder_id: str, root: Path | None = None) -> None:
+        from collab.io import cache_root
+
+        self.dir = (root or cache_root() / "embeddings") / encoder_id
+        self._table: dict[bytes, np.ndarray] = {}
+        self._loaded: set[str] = set()
+        self._lock = threading.Lock()
+        self.max_memory = 500_000
+
+    def _refresh(self) -> None:
+        from safetensors.numpy import load_file
+
+        if not self.dir.is_dir():
+            return
+        for shard in sorted(self.dir.glob("*.safetensors")):
+            if shard.name in self._loaded:
+                continue
+            try:
+                data = load_file(str(shard))
+            except Exception:  # noqa: BLE001 - a corrupt shard is skipped, its vectors recomputed
+                continue
+            keys, vecs = data["keys"], data["vectors"]
+            for k, v in zip(keys, vecs):
+                self._table[k.tobytes()] = v
+            self._loaded.add(shard.name)
+
+    def get(self, texts: Sequence[str]) -> tuple[list[np.ndarray | None], list[bytes]]:
+        digests = [_digest(t) for t in texts]
+        with self._lock:
+            if any(d not in self._table for d in digests):
+                self._refresh()
+            return [self._table.get(d) for d in digests], digests
+
+    def put(self, digests: Sequence[bytes], vectors: np.ndarray, persist: bool = True) -> None:
+        """Remember vectors; write them to a new shard only if ``persist`` (bulk encodes),
+        so that routing single requests never writes files."""
+        from safetensors.numpy import save_file
+
+        if not digests:
+            return
+        if not persist:
+            with self._lock:
+                if len(self._table) > self.max_memory:
+                    self._table.clear()
+                    self._loaded.clear()
+                for d, v in zip(digests, vectors):
+                    self._table[d] = v
+            return
+        self.dir.mkdir(parents=True, exist_ok=True)
+        keys = np.frombuffer(b"".join(digests), dtype=np.uint8).reshape(len(digests), 32)
+        name = hashlib.sha256(keys.tobytes()).hexdigest()[:24] + ".safetensors"
+        tmp = self.dir / f".{name}.{os.getpid()}.tmp"
+        save_file({"keys": np.ascontiguousarray(keys), "vectors": np.ascontiguousarray(vectors, dtype=np.float32)}, str(tmp))
+        os.replace(tmp, self.dir / name)
+        with self._lock:
+            for d, v in zip(digests, vectors):
+                self._table[d] = v
+            self._loaded.add(name)
+
+
+class MiniLMEncoder:
+    """Mean-pooled, L2-normalised MiniLM-L6 sentence embeddings (384-d), offline.
+
+    ``model`` is a sentence-transformers directory or ``zoo:minilm-l6``. Vectors
+    are cached by content hash, so re-encoding a table costs a lookup."""
+
+    name = "minilm"
+
+    def __init__(self, model: str = "zoo:minilm-l6", batch_size: int = 64, max_seq_length: int = 256, cache: bool = True) -> None:
+        self.model_ref = model
+        self.batch_size = batch_size
+        self.max_seq_length = max_seq_length
+        self._model: Any = None
+        self._cache = EmbeddingCache(f"minilm-l6-{max_seq_length}" if model == "zoo:minilm-l6" else hashlib.sha256(model.encode()).hexdigest()[:16]) if cache else None
+        self.dim = 384
+        self.persist_min = 16  # batches smaller than this stay in memory only
+
+    def _path(self) -> Path:
+        if self.model_ref.startswith("zoo:"):
+            from collab import zoo
+
+            return zoo.get(self.model_ref[4:]).path()
+        p = Path(self.model_ref)
+        if not p.is_dir():
+            raise CollabError(f"encoder: sentence-transformers directory '{self.model_ref}' not found")
+        return p
+
+    @property
+    def model(self) -> Any:
+        """The loaded SentenceTransformer (loaded on first use, CPU, offline)."""
+        if self._model is None:
+            os.environ.setdefault("HF_HUB_OFFLINE", "1")
+            from sentence_transformers import SentenceTransformer
+
+            self._model = SentenceTransformer(str(self._path()), device="cpu")
+            self._model.max_seq_length = self.max_seq_length
+            self.dim = int(self._model.get_embedding_dimension() or 384)
+        return self._model
+
+    def encode_uncached(self, texts: Sequence[str]) -> np.ndarray:
+        """The raw sentence-transformers forward pass, no cache: (n, 384) float32."""
+        import torch
+
+        with torch.inference_mode():
+            out = self.model.encode(list(texts), batch_size=self.batch_size, normalize_embeddings=True, convert_to_numpy=True, show_progress_bar=False)
+        return np.asarray(out, dtype=np.float32).reshape(len(texts), -1)
+
+    def encode(self, texts: Sequence[str]) -> np.ndarray:
+        """(n, dim) float32 embeddings, from the cache where possible."""
+        if self._cache is None:
+            return self.encode_uncached(texts)
+        found, digests = self._cache.get(texts)
+        missing = [i for i, v in enumerate(found) if v is None]
+        if missing:
+            # Unique texts only: tables repeat prompts across tasks.
+            uniq: dict[bytes, int] = {}
+            for i in missing:
+                uniq.setdefault(digests[i], i)
+            order = list(uniq.values())
+            vecs = self.encode_uncached([texts[i] for i in order])
+            self._cache.put([digests[i] for i in order], vecs, persist=len(order) >= self.persist_min)
+            by_digest = {digests[i]: v for i, v in zip(order, vecs)}
+            for i in missing:
+                found[i] = by_digest[digests[i]]
+        if not found:
+            return np.zeros((0, self.dim), dtype=np.float32)
+        return np.stack(found).astype(np.float32, copy=False)
+
+    def config(self) -> dict[str, Any]:
+        return {"type": "minilm", "model": self.model_ref, "max_seq_length": self.max_seq_length}
+
+
+class TfidfEncoder:
+    """TF-IDF over word 1-2-grams, L2-normalised, reduced to ``dim`` dimensions with SVD
+    (LSA) so that every router sees a dense matrix. Fitted on the training prompts;
+    its vocabulary, idf and projection are plain arrays, saved as safetensors."""
+
+    name = "tfidf"
+
+    def __init__(self, dim: int = 256, max_features: int = 20000, seed: int = 0) -> None:
+        self.dim = dim
+        self.max_features = max_features
+        self.seed = seed
+        self.vocab: dict[str, int] = {}
+        self.idf: np.ndarray | None = None
+        self.components: np.ndarray | None = None  # (dim, vocab)
+        self._vectorizer: Any = None
+
+    def fit(self, texts: Sequence[str]) -> "TfidfEncoder":
+        from sklearn.decomposition import TruncatedSVD
+        from sklearn.feature_extraction.text import TfidfVectorizer
+
+        vec = TfidfVectorizer(ngram_range=(1, 2), max_features=self.max_features, sublinear_tf=True, min_df=2, dtype=np.float32)
+        x = vec.fit_transform(list(texts))
+        self.vocab = {str(k): int(v) for k, v in vec.vocabulary_.items()}
+        self.idf = vec.idf_.astype(np.float32)
+        k = max(1, min(self.dim, x.shape[1] - 1, x.shape[0] - 1))
+        svd = TruncatedSVD(n_components=k, random_state=self.seed)
+        svd.fit(x)
+        self.components = svd.components_.astype(np.float32)
+        self.dim = k
+        self._vectorizer = vec
+        return self
+
+    def _vec(self) -> Any:
+        if self._vectorizer is None:
+            if self.idf is None:
+                raise CollabError("tfidf encoder: not fitted (call fit on the training prompts first)")
+            from sklearn.feature_extraction.text import TfidfVectorizer
+
+            vec = TfidfVectorizer(ngram_range=(1, 2), sublinear_tf=True, vocabulary=self.vocab, dtype=np.float32)
+            vec.fit(["x"])  # builds the analyzer; idf is replaced below
+            vec.idf_ = self.idf
+            self._vectorizer = vec
+        return self._vectorizer
+
+    def encode(self, texts: Sequence[str]) -> np.ndarray:
+        assert self.components is not None or self.idf is None
+        x = self._vec().transform(list(texts))  # sparse (n, vocab)
+        z = np.asarray(x @ self.components.T, dtype=np.float32)  # (n, dim)
+        norms = np.linalg.norm(z, axis=1, keepdims=True)
+        return z / np.maximum(norms, 1e-8)
+
+    def config(self) -> dict[str, Any]:
+        return {"type": "tfidf", "dim": self.dim, "max_features": self.max_features}
+
+    def state(self) -> dict[str, np.ndarray]:
+        """Arrays to save: the vocabulary as sorted term ids, idf and the SVD projection."""
+        assert self.idf is not None and self.components is not None
+        terms = sorted(self.vocab, key=self.vocab.get)
+        blob = "\n".join(terms).encode("utf-8")
+        return {"tfidf.terms": np.frombuffer(blob, dtype=np.uint8).copy(), "tfidf.idf": self.idf, "tfidf.components": self.components}
+
+    @classmethod
+    def from_state(cls, config: dict[str, Any], tensors: dict[str, np.ndarray]) -> "TfidfEncoder":
+        enc = cls(dim=int(config["dim"]), max_features=int(config.get("max_features", 20000)))
+        terms = tensors["tfidf.terms"].tobytes().decode("utf-8").split("\n")
+        enc.vocab = {t: i for i, t in enumerate(terms)}
+        enc.idf = tensors["tfidf.idf"]
+        enc.components = tensors["tfidf.components"]
+        return enc
+
+
+class ConcatEncoder:
+    """Several encoders side by side (e.g. MiniLM + TF-IDF), each block L2-normalised."""
+
+    name = "concat"
+
+    def __init__(self, parts: Sequence[Any]) -> None:
+        self.parts = list(parts)
+
+    def fit(self, texts: Sequence[str]) -> "ConcatEncoder":
+        for p in self.parts:
+            if hasattr(p, "fit"):
+                p.fit(texts)
+        return self
+
+    def encode(self, texts: Sequence[str]) -> np.ndarray:
+        return np.concatenate([p.encode(texts) for p in self.parts], axis=1)
+
+    def config(self) -> dict[str, Any]:
+        return {"type": "concat", "parts": [p.config() for p in self.parts]}
+
+
+_MINILM: dict[tuple[str, int], MiniLMEncoder] = {}
+
+
+def minilm(model: str = "zoo:minilm-l6", max_seq_length: int = 256) -> MiniLMEncoder:
+    """A shared MiniLMEncoder per model, so several routers load the model once."""
+    key = (model, max_seq_length)
+    if key not in _MINILM:
+        _MINILM[key] = MiniLMEncoder(model, max_seq_length=max_seq_length)
+    return _MINILM[key]
+
+
+def make_encoder(spec: str | dict[str, Any]) -> Any:
+    """An unfitted encoder from a name (``minilm``, ``tfidf``, ``minilm+tfidf``) or a saved config."""
+    if isinstance(spec, str):
+        parts = [p.strip() for p in spec.split("+") if p.strip()]
+        if not parts or any(p not in ("minilm", "tfidf") for p in parts):
+            raise CollabError(f"encoder: expected 'minilm', 'tfidf' or 'minilm+tfidf', found {spec!r}")
+        encs = [minilm() if p == "minilm" else TfidfEncoder() for p in parts]
+        return encs[0] if len(encs) == 1 else ConcatEncoder(encs)
+    kind = spec.get("type")
+    if kind == "minilm":
+        return minilm(spec.get("model", "zoo:minilm-l6"), int(spec.get("max_seq_length", 256)))
+    if kind == "tfidf":
+        return TfidfEncoder(dim=int(spec["dim"]), max_features=int(spec.get("max_features", 20000)))
+    if kind == "concat":
+        return ConcatEncoder([make_encoder(p) for p in spec["parts"]])
+    raise CollabError(f"encoder config: unknown type {kind!r} (expected minilm, tfidf or concat)")
+
+
+def encoder_state(enc: Any) -> dict[str, np.ndarray]:
+    """The fitted arrays of an encoder (TF-IDF parts), for saving beside a router."""
+    if isinstance(enc, TfidfEncoder):
+        return enc.state()
+    if isinstance(enc, ConcatEncoder):
+        out: dict[str, np.ndarray] = {}
+        for i, p in enumerate(enc.parts):
+            out.update({f"enc{i}.{k}": v for k, v in encoder_state(p).items()})
+        return out
+    return {}
+
+
+def load_encoder(config: dict[str, Any], tensors: dict[str, np.ndarray], prefix: str = "") -> Any:
+    """Rebuild a fitted encoder from its saved config and arrays."""
+    kind = config.get("type")
+    if kind == "tfidf":
+        sub = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+        return TfidfEncoder.from_state(config, sub)
+    if kind == "concat":
+        return ConcatEncoder([load_encoder(p, tensors, f"{prefix}enc{i}.") for i, p in enumerate(config["parts"])])
+    return make_encoder(config)

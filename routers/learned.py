@@ -1,0 +1,445 @@
+"""Learned routers on sentence features: kNN, per-expert logistic regression, an MLP,
+RouteLLM's matrix factorisation, Bench-CoE's subject-level router and ensembles.
+
+Every router predicts each expert's expected score in [0, 1]; fractional table
+scores (e.g. 0.4 = right on 40% of samples) are soft targets. sklearn models
+are stored as their parameter arrays, torch models as their state dicts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from routers.base import Router, RouterConfig, RouterError, register_router
+from routers.table import RoutingTable
+
+
+class _Standardizer:
+    def __init__(self, mean: np.ndarray | None = None, scale: np.ndarray | None = None) -> None:
+        self.mean, self.scale = mean, scale
+
+    def fit(self, x: np.ndarray) -> "_Standardizer":
+        self.mean = x.mean(axis=0)
+        self.scale = np.maximum(x.std(axis=0), 1e-6)
+        return self
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        return (x - self.mean) / self.scale
+
+
+def _soft_logreg(x: np.ndarray, y: np.ndarray, c: float, seed: int) -> tuple[np.ndarray, float]:
+    """Logistic regression on soft labels y in [0, 1]: each row appears as a positive
+    with weight y and a negative with weight 1 - y. Returns (coef (d,), intercept)."""
+    from sklearn.linear_model import LogisticRegression
+
+    if y.min() == y.max():  # one class only: a constant predictor
+        p = float(np.clip(y[0], 1e-4, 1 - 1e-4))
+        return np.zeros(x.shape[1]), float(np.log(p / (1 - p)))
+    xx = np.concatenate([x, x])
+    yy = np.concatenate([np.ones(len(x)), np.zeros(len(x))])
+    ww = np.concatenate([y, 1.0 - y])
+    keep = ww > 0
+    clf = LogisticRegression(C=c, max_iter=300, random_state=seed)
+    clf.fit(xx[keep], yy[keep], sample_weight=ww[keep])
+    return clf.coef_[0].astype(np.float64), float(clf.intercept_[0])
+
+
+def _sigmoid(z: np.ndarray) -> np.ndarray:
+    return 1.0 / (1.0 + np.exp(-z))
+
+
+# ------------------------------------------------------------------ kNN
+@dataclasses.dataclass
+class KNNRouterConfig(RouterConfig):
+    """Mean scores of the k most similar training prompts."""
+
+    k: int = 40
+    """Neighbours averaged per query."""
+    weighting: str = "softmax"
+    """'uniform' or 'softmax' (weights exp(similarity / temperature))."""
+    temperature: float = 0.05
+    """Softmax temperature over cosine similarities."""
+
+
+@register_router("knn")
+class KNNRouter(Router):
+    """k-nearest-neighbour router (cosine similarity of sentence embeddings), as
+    LLMRouter's and RouterBench's kNN baselines."""
+
+    config_cls = KNNRouterConfig
+    reference_url = "https://arxiv.org/abs/2403.12031"
+
+    def _fit(self, x: np.ndarray | None, table: RoutingTable) -> None:
+        assert x is not None
+        self.train_x = x.astype(np.float32)
+        self.train_y = table.scores.astype(np.float32)
+
+    def _predict_features(self, x: np.ndarray | None, prompts: list[str]) -> np.ndarray:
+        assert x is not None
+        sims = x.astype(np.float32) @ self.train_x.T  # (n, N)
+        k = min(self.config.k, sims.shape[1])
+        top = np.argpartition(-sims, k - 1, axis=1)[:, :k]  # (n, k)
+        s = np.take_along_axis(sims, top, axis=1)
+        if self.config.weighting == "uniform":
+            w = np.ones_like(s)
+        elif self.config.weighting == "softmax":
+            w = np.exp((s - s.max(axis=1, keepdims=True)) / self.config.temperature)
+        else:
+            raise RouterError(f"knn: weighting: expected 'uniform' or 'softmax', found {self.config.weighting!r}")
+        w = w / w.sum(axis=1, keepdims=True)
+        return np.einsum("nk,nke->ne", w, self.train_y[top])
+
+    def _state(self) -> dict[str, np.ndarray]:
+        return {"train_x": self.train_x, "train_y": self.train_y}
+
+    def _load_state(self, tensors: dict[str, np.ndarray]) -> None:
+        self.train_x, self.train_y = tensors["train_x"], tensors["train_y"]
+
+
+# -------------------------------------------------------------- logreg
+@dataclasses.dataclass
+class LogRegRouterConfig(RouterConfig):
+    """One calibrated logistic regression per expert on standardised features."""
+
+    encoder: str = "minilm+tfidf"
+    c: float = 0.01
+    """Inverse L2 strength (on standardised features)."""
+
+
+@register_router("logreg")
+class LogRegRouter(Router):
+    """Per-expert logistic regression: P(expert answers well | prompt), calibrated by
+    construction, trained on soft labels."""
+
+    config_cls = LogRegRouterConfig
+
+    def _fit(self, x: np.ndarray | None, table: RoutingTable) -> None:
+        assert x is not None
+        self.std = _Standardizer().fit(x)
+        z = self.std(x)
+        coefs, bias = [], []
+        for j in range(len(self.experts)):
+            w, b = _soft_logreg(z, table.scores[:, j], self.config.c, self.config.seed)
+            coefs.append(w)
+            bias.append(b)
+        self.coef, self.intercept = np.stack(coefs), np.asarray(bias)
+
+    def _predict_features(self, x: np.ndarray | None, prompts: list[str]) -> np.ndarray:
+        assert x is not None
+        return _sigmoid(self.std(x) @ self.coef.T + self.intercept)
+
+    def _state(self) -> dict[str, np.ndarray]:
+        return {"coef": self.coef, "intercept": self.intercept, "mean": self.std.mean, "scale": self.std.scale}
+
+    def _load_state(self, t: dict[str, np.ndarray]) -> None:
+        self.coef, self.intercept = t["coef"], t["intercept"]
+        self.std = _Standardizer(t["mean"], t["scale"])
+
+
+# ------------------------------------------------------- torch models
+def _train_torch(model: Any, x: np.ndarray, y: np.ndarray, epochs: int, lr: float, weight_decay: float, batch_size: int, seed: int) -> None:
+    """The one training loop for the torch routers: soft-label BCE, AdamW, minibatches."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    xt = torch.as_tensor(x, dtype=torch.float32)
+    yt = torch.as_tensor(y, dtype=torch.float32)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+    loss_fn = torch.nn.BCEWithLogitsLoss()
+    model.train()
+    for _ in range(epochs):
+        perm = torch.randperm(len(xt), generator=g)
+        for start in range(0, len(xt), batch_size):
+            idx = perm[start : start + batch_size]
+            opt.zero_grad()
+            loss = loss_fn(model(xt[idx]), yt[idx])
+            loss.backward()
+            opt.step()
+    model.eval()
+
+
+def _torch_predict(model: Any, x: np.ndarray) -> np.ndarray:
+    import torch
+
+    with torch.inference_mode():
+        return torch.sigmoid(model(torch.as_tensor(x, dtype=torch.float32))).numpy().astype(np.float64)
+
+
+def _state_to_numpy(model: Any) -> dict[str, np.ndarray]:
+    return {k: v.detach().cpu().numpy() for k, v in model.state_dict().items()}
+
+
+def _numpy_to_state(model: Any, tensors: dict[str, np.ndarray]) -> None:
+    import torch
+
+    model.load_state_dict({k: torch.as_tensor(v) for k, v in tensors.items()})
+    model.eval()
+
+
+@dataclasses.dataclass
+class MLPRouterConfig(RouterConfig):
+    """A two-layer perceptron with one output per expert."""
+
+    encoder: str = "minilm+tfidf"
+    hidden: int = 256
+    dropout: float = 0.3
+    epochs: int = 20
+    lr: float = 1e-3
+    weight_decay: float = 1e-2
+    batch_size: int = 64
+
+
+def _mlp(d: int, hidden: int, e: int, dropout: float) -> Any:
+    import torch
+
+    return torch.nn.Sequential(
+        torch.nn.Dropout(dropout), torch.nn.Linear(d, hidden), torch.nn.GELU(), torch.nn.Dropout(dropout), torch.nn.Linear(hidden, e)
+    )
+
+
+@register_router("mlp")
+class MLPRouter(Router):
+    """MLP on standardised features predicting every expert's score (multi-label BCE)."""
+
+    config_cls = MLPRouterConfig
+
+    def _fit(self, x: np.ndarray | None, table: RoutingTable) -> None:
+        import torch
+
+        assert x is not None
+        torch.manual_seed(self.config.seed)
+        self.std = _Standardizer().fit(x)
+        self.meta["input_dim"] = int(x.shape[1])
+        self.net = _mlp(x.shape[1], self.config.hidden, len(self.experts), self.config.dropout)
+        c = self.config
+        _train_torch(self.net, self.std(x), table.scores, c.epochs, c.lr, c.weight_decay, c.batch_size, c.seed)
+
+    def _predict_features(self, x: np.ndarray | None, prompts: list[str]) -> np.ndarray:
+        assert x is not None
+        return _torch_predict(self.net, self.std(x))
+
+    def _state(self) -> dict[str, np.ndarray]:
+        return {**{f"net.{k}": v for k, v in _state_to_numpy(self.net).items()}, "mean": self.std.mean, "scale": self.std.scale}
+
+    def _load_state(self, t: dict[str, np.ndarray]) -> None:
+        self.std = _Standardizer(t["mean"], t["scale"])
+        self.net = _mlp(int(self.meta["input_dim"]), self.config.hidden, len(self.experts), self.config.dropout)
+        _numpy_to_state(self.net, {k[4:]: v for k, v in t.items() if k.startswith("net.")})
+
+
+@dataclasses.dataclass
+class MFRouterConfig(RouterConfig):
+    """RouteLLM's matrix factorisation: score(m, q) = w2 . (v_m * (W1 q + b)) + c_m."""
+
+    encoder: str = "minilm"
+    dim: int = 128
+    epochs: int = 30
+    lr: float = 3e-3
+    weight_decay: float = 1e-4
+    batch_size: int = 64
+
+
+def _mf(d: int, h: int, e: int) -> Any:
+    import torch
+
+    class MF(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.proj = torch.nn.Linear(d, h)  # W1, b
+            self.experts = torch.nn.Embedding(e, h)  # v_m
+            self.w2 = torch.nn.Linear(h, 1, bias=False)
+            self.bias = torch.nn.Parameter(torch.zeros(e))  # c_m
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            q = self.proj(x)  # (B, h)
+            inter = q[:, None, :] * self.experts.weight[None, :, :]  # (B, E, h)
+            return self.w2(inter).squeeze(-1) + self.bias  # (B, E)
+
+    return MF()
+
+
+@register_router("mf")
+class MFRouter(Router):
+    """Matrix factorisation of the query x expert score matrix with query factors
+    projected from sentence embeddings (RouteLLM's best router, extended to E experts)."""
+
+    config_cls = MFRouterConfig
+    reference_url = "https://arxiv.org/abs/2406.18665"
+
+    def _fit(self, x: np.ndarray | None, table: RoutingTable) -> None:
+        import torch
+
+        assert x is not None
+        torch.manual_seed(self.config.seed)
+        self.meta["input_dim"] = int(x.shape[1])
+        self.net = _mf(x.shape[1], self.config.dim, len(self.experts))
+        c = self.config
+        _train_torch(self.net, x, table.scores, c.epochs, c.lr, c.weight_decay, c.batch_size, c.seed)
+
+    def _predict_features(self, x: np.ndarray | None, prompts: list[str]) -> np.ndarray:
+        assert x is not None
+        return _torch_predict(self.net, x)
+
+    def _state(self) -> dict[str, np.ndarray]:
+        return _state_to_numpy(self.net)
+
+    def _load_state(self, t: dict[str, np.ndarray]) -> None:
+        self.net = _mf(int(self.meta["input_dim"]), self.config.dim, len(self.experts))
+        _numpy_to_state(self.net, t)
+
+
+# -------------------------------------------------------------- subject
+@dataclasses.dataclass
+class SubjectRouterConfig(RouterConfig):
+    """Bench-CoE's subject-level router: the best expert per task (predicted from the
+    prompt) or per embedding cluster."""
+
+    mode: str = "task"
+    """'task': classify the prompt's task, then the task's mean expert scores;
+    'cluster': k-means clusters of the embeddings."""
+    clusters: int = 16
+    c: float = 1.0
+    """Inverse L2 strength of the task classifier."""
+    smoothing: float = 5.0
+    """Pseudo-count shrinking each group's means toward the global means."""
+
+
+@register_router("subject")
+class SubjectRouter(Router):
+    """Subject-level routing (Bench-CoE): per-group mean scores, the group predicted from the prompt."""
+
+    config_cls = SubjectRouterConfig
+    reference_url = "https://arxiv.org/abs/2412.04167"
+
+    def _group_means(self, groups: np.ndarray, n_groups: int, scores: np.ndarray) -> np.ndarray:
+        glob = scores.mean(axis=0)
+        out = np.zeros((n_groups, scores.shape[1]))
+        for g in range(n_groups):
+            m = groups == g
+            out[g] = (scores[m].sum(axis=0) + self.config.smoothing * glob) / (m.sum() + self.config.smoothing)
+        return out
+
+    def _fit(self, x: np.ndarray | None, table: RoutingTable) -> None:
+        assert x is not None
+        if self.config.mode == "task":
+            from sklearn.linear_model import LogisticRegression
+
+            names = table.task_names
+            self.meta["tasks"] = names
+            y = np.array([names.index(t) for t in table.tasks])
+            self.group_scores = self._group_means(y, len(names), table.scores)
+            if len(names) == 1:
+                self.coef, self.intercept = np.zeros((1, x.shape[1])), np.zeros(1)
+                return
+            clf = LogisticRegression(C=self.config.c, max_iter=500, random_state=self.config.seed).fit(x, y)
+            coef, icpt = clf.coef_, clf.intercept_
+            if len(names) == 2:  # sklearn gives one row for two classes
+                coef, icpt = np.concatenate([-coef / 2, coef / 2]), np.array([-icpt[0] / 2, icpt[0] / 2])
+            self.coef, self.intercept = coef, icpt
+        elif self.config.mode == "cluster":
+            from sklearn.cluster import KMeans
+
+            k = max(1, min(self.config.clusters, len(x)))
+            km = KMeans(n_clusters=k, n_init=4, random_state=self.config.seed).fit(x)
+            self.centroids = km.cluster_centers_.astype(np.float32)
+            self.group_scores = self._group_means(km.labels_, k, table.scores)
+        else:
+            raise RouterError(f"subject: mode: expected 'task' or 'cluster', found {self.config.mode!r}")
+
+    def group_probabilities(self, x: np.ndarray) -> np.ndarray:
+        """(n, groups): P(task | prompt), or a one-hot nearest cluster."""
+        if self.config.mode == "task":
+            z = x @ self.coef.T + self.intercept
+            z = np.exp(z - z.max(axis=1, keepdims=True))
+            return z / z.sum(axis=1, keepdims=True)
+        d = ((x[:, None, :] - self.centroids[None]) ** 2).sum(-1)  # (n, k)
+        return np.eye(len(self.centroids))[d.argmin(axis=1)]
+
+    def _predict_features(self, x: np.ndarray | None, prompts: list[str]) -> np.ndarray:
+        assert x is not None
+        return self.group_probabilities(x) @ self.group_scores
+
+    def _state(self) -> dict[str, np.ndarray]:
+        if self.config.mode == "task":
+            return {"coef": self.coef, "intercept": self.intercept, "group_scores": self.group_scores}
+        return {"centroids": self.centroids, "group_scores": self.group_scores}
+
+    def _load_state(self, t: dict[str, np.ndarray]) -> None:
+        self.group_scores = t["group_scores"]
+        if self.config.mode == "task":
+            self.coef, self.intercept = t["coef"], t["intercept"]
+        else:
+            self.centroids = t["centroids"]
+
+
+# ------------------------------------------------------------- ensemble
+@dataclasses.dataclass
+class EnsembleRouterConfig(RouterConfig):
+    """A weighted average of member routers' predicted scores."""
+
+    encoder: str = "none"
+    members: tuple[str, ...] = ("knn", "logreg", "mlp")
+    """Router keys; each is trained with its own default config (and this seed)."""
+    weights: tuple[float, ...] = ()
+    """One weight per member; empty means equal weights."""
+
+
+@register_router("ensemble")
+class EnsembleRouter(Router):
+    """Averages the members' calibrated per-expert predictions; members are saved in
+    sub-directories ``member<i>/`` beside the ensemble's config.json."""
+
+    config_cls = EnsembleRouterConfig
+    uses_encoder = False
+
+    def __init__(self, config: Any = None, members: list[Router] | None = None) -> None:
+        super().__init__(config)
+        self.members: list[Router] = members or []
+
+    def _fit(self, x: np.ndarray | None, table: RoutingTable) -> None:
+        from routers.base import make_router
+
+        if not self.members:
+            self.members = [make_router(k, seed=self.config.seed) for k in self.config.members]
+            for m in self.members:
+                m.fit(table)
+        self.config.members = tuple(m.key for m in self.members)
+
+    def _weights(self) -> np.ndarray:
+        w = np.asarray(self.config.weights or [1.0] * len(self.members), dtype=np.float64)
+        if len(w) != len(self.members):
+            raise RouterError(f"ensemble: weights: expected {len(self.members)} numbers, found {len(w)}")
+        return w / w.sum()
+
+    def _predict_features(self, x: np.ndarray | None, prompts: list[str]) -> np.ndarray:
+        preds = [m.predict(prompts) for m in self.members]
+        return np.einsum("m,mne->ne", self._weights(), np.stack(preds))
+
+    def _save_extra(self, directory: Path) -> None:
+        for i, m in enumerate(self.members):
+            m.save(directory / f"member{i}")
+
+    def _load_extra(self, directory: Path) -> None:
+        self.members = []
+        for i, key in enumerate(self.config.members):
+            m = Router.load(directory / f"member{i}")
+            if m.experts != self.experts:
+                raise RouterError(f"{directory}/member{i}: experts {m.experts} differ from the ensemble's {self.experts}")
+            self.members.append(m)
+
+    def hyperparameters(self) -> dict[str, Any]:
+        hp = dataclasses.asdict(self.config)
+        hp["members"] = list(hp["members"])
+        hp["weights"] = list(hp["weights"])
+        return hp
+
+
+def members_config(directory: str | Path) -> list[dict[str, Any]]:
+    """The member configs of a saved ensemble (for display)."""
+    d = Path(directory)
+    return [json.loads((p / "config.json").read_text()) for p in sorted(d.glob("member*"))]

@@ -1,0 +1,223 @@
+"""Policies: from predicted scores (and costs) to a choice of expert, with a reason.
+
+- ``best``: the highest predicted quality.
+- ``cost``: the highest predicted quality - lambda * cost.
+- ``budget``: at most a share of queries to the expensive expert; the margin
+  threshold is calibrated on validation predictions, the achieved share reported on test.
+- ``cascade``: answer with the cheap expert and escalate when its own confidence
+  (mean token log-probability of its answer) is below a calibrated threshold.
+The RoutedSystem falls back to the next-ranked expert when the chosen one fails.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import numpy as np
+
+from collab.errors import CollabError
+
+
+class PolicyError(CollabError, ValueError):
+    """A policy configuration that does not fit the router's experts."""
+
+
+def best_quality(pred: np.ndarray) -> np.ndarray:
+    """(n,) index of the highest predicted score."""
+    return np.asarray(pred).argmax(axis=1)
+
+
+def quality_minus_cost(pred: np.ndarray, costs: np.ndarray, lam: float) -> np.ndarray:
+    """(n,) argmax of predicted score - lam * cost; ties go to the cheaper expert."""
+    pred = np.asarray(pred, dtype=np.float64)
+    costs = np.broadcast_to(np.asarray(costs, dtype=np.float64), pred.shape)
+    util = pred - lam * costs - 1e-9 * costs
+    return util.argmax(axis=1)
+
+
+@dataclass
+class Decision:
+    """One routing decision: the ranked experts (first = chosen) and why."""
+
+    ranking: list[int]
+    reason: str
+
+
+class Policy:
+    """Turns (n, E) predictions into decisions. ``name`` goes into traces."""
+
+    name = "policy"
+
+    def decide(self, pred: np.ndarray, experts: Sequence[str], costs: np.ndarray | None = None) -> list[Decision]:
+        raise NotImplementedError
+
+    def describe(self) -> dict[str, Any]:
+        return {"name": self.name}
+
+
+def _ranking(util: np.ndarray) -> list[int]:
+    return [int(i) for i in np.argsort(-util, kind="stable")]
+
+
+class BestQualityPolicy(Policy):
+    """Pick the expert with the highest predicted score."""
+
+    name = "best"
+
+    def decide(self, pred: np.ndarray, experts: Sequence[str], costs: np.ndarray | None = None) -> list[Decision]:
+        out = []
+        for row in np.asarray(pred):
+            rank = _ranking(row)
+            second = f", next {experts[rank[1]]} at {row[rank[1]]:.3f}" if len(rank) > 1 else ""
+            out.append(Decision(rank, f"highest predicted score: {experts[rank[0]]} at {row[rank[0]]:.3f}{second}"))
+        return out
+
+
+@dataclass
+class CostPolicy(Policy):
+    """Pick argmax of predicted score - lam * cost (cost per expert, e.g. relative price)."""
+
+    lam: float = 0.1
+    costs: Sequence[float] | None = None
+    name: str = "cost"
+
+    def decide(self, pred: np.ndarray, experts: Sequence[str], costs: np.ndarray | None = None) -> list[Decision]:
+        c = np.asarray(self.costs if self.costs is not None else (costs if costs is not None else np.ones(len(experts))), dtype=np.float64)
+        if c.shape[-1] != len(experts):
+            raise PolicyError(f"policy 'cost': {c.shape[-1]} costs for {len(experts)} experts")
+        util = np.asarray(pred) - self.lam * np.broadcast_to(c, np.asarray(pred).shape)
+        out = []
+        for i, row in enumerate(util):
+            rank = _ranking(row - 1e-9 * np.broadcast_to(c, util.shape)[i])
+            j = rank[0]
+            out.append(Decision(rank, f"best score - {self.lam:g} x cost: {experts[j]} ({pred[i][j]:.3f} - {self.lam:g} x {np.broadcast_to(c, util.shape)[i][j]:g})"))
+        return out
+
+    def describe(self) -> dict[str, Any]:
+        return {"name": self.name, "lambda": self.lam, "costs": list(map(float, self.costs)) if self.costs is not None else None}
+
+
+@dataclass
+class BudgetPolicy(Policy):
+    """At most ``share`` of queries go to ``expensive``: it wins only when its predicted
+    margin over the best other expert exceeds ``threshold`` (see ``calibrate``)."""
+
+    expensive: int = 0
+    share: float = 0.2
+    threshold: float = 0.0
+    name: str = "budget"
+    calibrated_share: float | None = field(default=None)
+
+    @staticmethod
+    def margin(pred: np.ndarray, expensive: int) -> np.ndarray:
+        pred = np.asarray(pred, dtype=np.float64)
+        others = np.delete(pred, expensive, axis=1)
+        return pred[:, expensive] - others.max(axis=1)
+
+    def calibrate(self, val_pred: np.ndarray) -> "BudgetPolicy":
+        """Set the threshold so that ``share`` of the validation queries pass it."""
+        m = np.sort(self.margin(val_pred, self.expensive))[::-1]
+        k = int(np.floor(self.share * len(m)))
+        if k <= 0:
+            self.threshold = float(m[0]) + 1e-9 if len(m) else float("inf")
+        elif k >= len(m):
+            self.threshold = float(m[-1]) - 1e-9
+        else:
+            self.threshold = float((m[k - 1] + m[k]) / 2)
+        self.calibrated_share = float((self.margin(val_pred, self.expensive) > self.threshold).mean())
+        return self
+
+    def choices(self, pred: np.ndarray) -> np.ndarray:
+        pred = np.asarray(pred, dtype=np.float64)
+        masked = pred.copy()
+        masked[:, self.expensive] = -np.inf
+        ch = masked.argmax(axis=1)
+        ch[self.margin(pred, self.expensive) > self.threshold] = self.expensive
+        return ch
+
+    def decide(self, pred: np.ndarray, experts: Sequence[str], costs: np.ndarray | None = None) -> list[Decision]:
+        ch = self.choices(pred)
+        m = self.margin(pred, self.expensive)
+        out = []
+        for i, row in enumerate(np.asarray(pred)):
+            rank = [int(ch[i])] + [j for j in _ranking(row) if j != ch[i]]
+            verdict = "above" if ch[i] == self.expensive else "not above"
+            out.append(Decision(rank, f"budget {self.share:.0%} for {experts[self.expensive]}: margin {m[i]:+.3f} {verdict} threshold {self.threshold:+.3f}"))
+        return out
+
+    def describe(self) -> dict[str, Any]:
+        return {"name": self.name, "expensive": self.expensive, "share": self.share, "threshold": self.threshold}
+
+
+@dataclass
+class CascadePolicy(Policy):
+    """Answer with ``cheap``; escalate to ``strong`` when the cheap answer's confidence
+    (mean token log-probability) is below ``threshold``. Decided after generation,
+    so ``decide`` ranks cheap first and ``escalate`` makes the call."""
+
+    cheap: int = 0
+    strong: int = 1
+    threshold: float = -1.0
+    name: str = "cascade"
+
+    def decide(self, pred: np.ndarray, experts: Sequence[str], costs: np.ndarray | None = None) -> list[Decision]:
+        rest = [j for j in range(len(experts)) if j not in (self.cheap, self.strong)]
+        return [Decision([self.cheap, self.strong] + rest, f"cascade: try {experts[self.cheap]} first") for _ in range(len(pred))]
+
+    def escalate(self, confidence: float) -> bool:
+        return bool(confidence < self.threshold)
+
+    def calibrate(self, confidence: np.ndarray, cheap_score: np.ndarray, strong_score: np.ndarray, max_escalation: float = 0.5) -> "CascadePolicy":
+        """Pick the threshold that maximises validation quality among thresholds that
+        escalate at most ``max_escalation`` of the queries."""
+        conf = np.asarray(confidence, dtype=np.float64)
+        cands = np.concatenate([[-np.inf], np.unique(conf), [np.inf]])
+        best, best_t = -np.inf, -np.inf
+        for t in cands:
+            esc = conf < t
+            if esc.mean() > max_escalation + 1e-12:
+                continue
+            q = np.where(esc, strong_score, cheap_score).mean()
+            if q > best + 1e-12:
+                best, best_t = q, t
+        self.threshold = float(best_t) if np.isfinite(best_t) else (-1e9 if best_t < 0 else 1e9)
+        return self
+
+    def describe(self) -> dict[str, Any]:
+        return {"name": self.name, "cheap": self.cheap, "strong": self.strong, "threshold": self.threshold}
+
+
+def make_policy(config: Any, experts: Sequence[str], costs: Sequence[float] | None = None) -> Policy:
+    """A policy from a spec value: 'best', {'type': 'cost', 'lambda': ..}, {'type': 'budget',
+    'expensive': NAME, 'share': .., 'threshold': ..}, {'type': 'cascade', 'cheap': NAME,
+    'strong': NAME, 'threshold': ..}."""
+    if config is None or config == "best":
+        return BestQualityPolicy()
+    if isinstance(config, str):
+        config = {"type": config}
+    if not isinstance(config, dict) or "type" not in config:
+        raise PolicyError(f"policy: expected 'best' or a mapping with 'type', found {config!r}")
+    kind = config["type"]
+
+    def idx(key: str) -> int:
+        name = config.get(key)
+        if name not in experts:
+            raise PolicyError(f"policy.{key}: unknown expert {name!r}; router experts: {', '.join(experts)}")
+        return list(experts).index(name)
+
+    if kind == "best":
+        return BestQualityPolicy()
+    if kind == "cost":
+        c = config.get("costs", costs)
+        if isinstance(c, dict):
+            missing = [e for e in experts if e not in c]
+            if missing:
+                raise PolicyError(f"policy.costs: no cost for expert '{missing[0]}'")
+            c = [float(c[e]) for e in experts]
+        return CostPolicy(lam=float(config.get("lambda", 0.1)), costs=c)
+    if kind == "budget":
+        return BudgetPolicy(expensive=idx("expensive"), share=float(config.get("share", 0.2)), threshold=float(config.get("threshold", 0.0)))
+    if kind == "cascade":
+        return CascadePolicy(cheap=idx("cheap"), strong=idx("strong"), threshold=float(config.get("threshold", -1.0)))
+    raise PolicyError(f"policy.type: unknown policy {kind!r}; expected best, cost, budget or cascade")
