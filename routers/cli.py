@@ -1,0 +1,117 @@
+"""``collab route train|eval|ask``. Imports only typer and the stdlib at module level."""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated, Any, Optional
+
+import typer
+
+route_app = typer.Typer(help="Learned query routers: train on routing tables, evaluate, route one prompt.", no_args_is_help=True)
+
+_DATA_HELP = "A routing table: a canonical .jsonl, or a shorthand: llmrouter, routellm-mmlu, routellm-gsm8k (repeatable)."
+
+
+def _parse_options(options: list[str] | None) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for o in options or []:
+        if "=" not in o:
+            raise typer.BadParameter(f"--option: expected KEY=VALUE, found {o!r}")
+        k, v = o.split("=", 1)
+        try:
+            out[k] = json.loads(v)
+        except json.JSONDecodeError:
+            out[k] = tuple(v.split(",")) if "," in v else v
+        if isinstance(out[k], list):
+            out[k] = tuple(out[k])
+    return out
+
+
+@route_app.command("train")
+def train(
+    data: Annotated[list[str], typer.Option("--data", help=_DATA_HELP)],
+    router: Annotated[str, typer.Option("--router", help="Router kind: knn, logreg, mlp, mf, subject, bert, ensemble, best-single, random, oracle.")],
+    out: Annotated[str, typer.Option("--out", help="Directory to write the trained router to.")],
+    option: Annotated[Optional[list[str]], typer.Option("--option", "-o", help="Router option KEY=VALUE, e.g. -o k=40 -o encoder=tfidf (repeatable).")] = None,
+    test_size: Annotated[float, typer.Option(help="Hold out this share of queries (stratified by task) for `route eval`.")] = 0.0,
+    seed: Annotated[int, typer.Option(help="Seed for the split and training.")] = 0,
+) -> None:
+    """Train a router on one or more routing tables and save it as config.json + safetensors."""
+    from routers.api import train_router
+
+    r, held = train_router(data, router, out, _parse_options(option), test_size=test_size, seed=seed)
+    msg = f"trained {r.key} router on {r.meta['train_queries']} queries, experts: {', '.join(r.experts)} -> {out}"
+    if held is not None:
+        msg += f" ({len(held)} held out for eval)"
+    typer.echo(msg)
+
+
+@route_app.command("eval")
+def evaluate(
+    router: Annotated[str, typer.Option("--router", help="A trained router directory.")],
+    data: Annotated[list[str], typer.Option("--data", help=_DATA_HELP)],
+    plot: Annotated[Optional[str], typer.Option("--plot", help="Write the cost-quality curve to this PNG.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object instead of a table.")] = False,
+    all_rows: Annotated[bool, typer.Option("--all", help="Score every row, not only the queries held out at training time.")] = False,
+) -> None:
+    """Score a router: each expert, best single, random at equal cost, oracles, the router (95% intervals)."""
+    from routers.api import evaluate_router
+
+    ev = evaluate_router(router, data, plot=plot, heldout=not all_rows)
+    d = ev.to_json()
+    if as_json:
+        typer.echo(json.dumps(d, sort_keys=True))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    t = Table(title=f"router {d['router']} on {d['queries']} queries")
+    for col in ("system", "accuracy", "95% interval", "mean cost", "share"):
+        t.add_column(col)
+    for e, x in d["experts"].items():
+        t.add_row(e, f"{x['accuracy']:.4f}", f"[{x['low']:.4f}, {x['high']:.4f}]", f"{x['cost']:.4g}", f"{x['share']:.1%}")
+    t.add_row("best single", f"{d['best_single']:.4f}", "", f"{d['best_single_cost']:.4g}", d["best_single_expert"])
+    t.add_row("random at equal cost", f"{d['random_equal_cost']:.4f}", "", f"{d['cost']:.4g}", "")
+    t.add_row("per-task oracle", f"{d['task_oracle']:.4f}", "", "", "")
+    t.add_row("per-query oracle", f"{d['oracle']:.4f}", "", "", "")
+    t.add_row(f"[bold]router ({d['router']})[/]", f"[bold]{d['accuracy']:.4f}[/]", f"[{d['accuracy_low']:.4f}, {d['accuracy_high']:.4f}]", f"{d['cost']:.4g}", "")
+    console = Console()
+    console.print(t)
+    console.print(
+        f"vs best single: {d['delta']:+.4f} [{d['delta_low']:+.4f}, {d['delta_high']:+.4f}]; "
+        f"gap closed {d['gap_closed']:.1%} [{d['gap_closed_low']:.1%}, {d['gap_closed_high']:.1%}]; cost-quality AUC {d['auc']:.4f}"
+    )
+    if "apgr" in d:
+        console.print(f"strong {d['strong']}, weak {d['weak']}: APGR {d['apgr']:.3f} (random {d['random_apgr']:.3f}), CPT(50%) {d['cpt50']:.1%}, CPT(80%) {d['cpt80']:.1%}")
+    for n in d.get("notes", []):
+        console.print(f"[yellow]note:[/] {n}")
+    if plot:
+        console.print(f"curve written to {plot}")
+
+
+@route_app.command("ask")
+def ask(
+    router: Annotated[str, typer.Option("--router", help="A trained router directory.")],
+    prompt: Annotated[str, typer.Argument(help="The prompt to route.")],
+    policy: Annotated[str, typer.Option(help="'best', or 'cost:LAMBDA' (quality - lambda x the experts' mean training cost).")] = "best",
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """Route one prompt: the chosen expert, every expert's predicted score and why."""
+    from routers.api import ask as ask_fn
+
+    pol: Any = policy
+    if policy.startswith("cost:"):
+        pol = {"type": "cost", "lambda": float(policy.split(":", 1)[1])}
+    res = ask_fn(router, prompt, pol)
+    if as_json:
+        typer.echo(json.dumps(res))
+        return
+    typer.echo(f"routed to: {res['routed_to']}")
+    typer.echo(f"why: {res['reason']}")
+    for e in res["ranking"]:
+        typer.echo(f"  {e:40s} {res['scores'][e]:.4f}")
+
+
+def register(app: typer.Typer) -> None:
+    """Add ``collab route`` to the main app."""
+    app.add_typer(route_app, name="route")
