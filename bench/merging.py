@@ -68,10 +68,10 @@ def parity(work: Path) -> list[tuple[str, float]]:
 
 def real_inputs(root: Path) -> dict[str, Path]:
     """SmolLM2-135M fp32 (de-quantised zoo model) and two seeded perturbations."""
-    from collab.experts import _dequantised_dir, resolve_ref
+    from collab.experts import dequantised_dir, resolve_ref
     from tests.merging.conftest import perturb
 
-    src = _dequantised_dir(resolve_ref("zoo:smollm2-135m-instruct"))
+    src = dequantised_dir(resolve_ref("zoo:smollm2-135m-instruct"))
     out = {"base": src}
     for i in (1, 2):
         d = root / f"smol-ft{i}"

@@ -35,7 +35,7 @@ PLAIN_ASSISTANT = "Assistant:"
 PLAIN_STOP = "\nUser:"
 
 _DTYPES = ("auto", "float32", "bfloat16", "float16")
-_GGUF_CACHE_VERSION = 1
+GGUF_CACHE_VERSION = 1
 
 
 def render_plain_prompt(messages: Sequence[Message]) -> str:
@@ -129,10 +129,11 @@ def _torch_dtype(dtype: str) -> Any:
     return "auto" if dtype == "auto" else getattr(torch, dtype)
 
 
-def _dequantised_dir(res: ResolvedRef) -> Path:
-    """De-quantise a GGUF file once into a safetensors model directory in the cache."""
+def dequantised_dir(res: ResolvedRef) -> Path:
+    """The safetensors model directory for a GGUF reference: de-quantised on first
+    use into ``$COLLAB_CACHE/gguf/``, reused afterwards."""
     assert res.gguf_file is not None and res.cache_key is not None
-    target = cache_root() / "gguf" / f"{res.cache_key}-v{_GGUF_CACHE_VERSION}"
+    target = cache_root() / "gguf" / f"{res.cache_key}-v{GGUF_CACHE_VERSION}"
     if (target / "collab_source.json").exists():
         return target
     import torch
@@ -168,7 +169,7 @@ def _dequantised_dir(res: ResolvedRef) -> Path:
         tokenizer.save_pretrained(str(tmp))
         atomic_write_json(
             tmp / "collab_source.json",
-            {"gguf": str(gguf_path), "seconds": round(time.perf_counter() - t0, 2), "version": _GGUF_CACHE_VERSION},
+            {"gguf": str(gguf_path), "seconds": round(time.perf_counter() - t0, 2), "version": GGUF_CACHE_VERSION},
         )
     return target
 
@@ -226,7 +227,7 @@ class Expert(BaseSystem):
         """Load an expert from a HF directory, a ``.gguf`` file, a PEFT adapter
         directory or ``zoo:NAME``. ``.bin`` pickles load only with ``allow_pickle``."""
         res = resolve_ref(ref)
-        model_dir = _dequantised_dir(res) if res.gguf_file else res.path
+        model_dir = dequantised_dir(res) if res.gguf_file else res.path
         torch_dtype = _torch_dtype(dtype)
         has_st = any(model_dir.glob("*.safetensors"))
         if not has_st:

@@ -124,7 +124,7 @@ class InputResolver:
 
     def _resolve(self, ref: str, where: str) -> ResolvedInput:
         from collab.errors import ModelLoadError
-        from collab.experts import _dequantised_dir, resolve_ref
+        from collab.experts import dequantised_dir, resolve_ref
 
         if "+" in ref and not ref.startswith("zoo:"):
             base_ref, lora_ref = ref.split("+", 1)
@@ -138,7 +138,7 @@ class InputResolver:
             raise MergeError(f"{where}: {e}") from None
         if res.gguf_file:
             # De-quantising is cached and needed to read shapes, so dry runs do it too.
-            base_dir = _dequantised_dir(res)
+            base_dir = dequantised_dir(res)
             kind = "gguf"
         else:
             base_dir = res.path
