@@ -24,8 +24,10 @@ class _Standardizer:
         self.mean, self.scale = mean, scale
 
     def fit(self, x: np.ndarray) -> "_Standardizer":
+        # One scale for all dimensions (the root mean variance): per-dimension scaling
+        # would blow up near-constant directions (e.g. the last SVD components).
         self.mean = x.mean(axis=0)
-        self.scale = np.maximum(x.std(axis=0), 1e-6)
+        self.scale = np.full(x.shape[1], max(float(np.sqrt(x.var(axis=0).mean())), 1e-6))
         return self
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
@@ -50,7 +52,7 @@ def _soft_logreg(x: np.ndarray, y: np.ndarray, c: float, seed: int) -> tuple[np.
 
 
 def _sigmoid(z: np.ndarray) -> np.ndarray:
-    return 1.0 / (1.0 + np.exp(-z))
+    return 1.0 / (1.0 + np.exp(-np.clip(z, -40, 40)))
 
 
 # ------------------------------------------------------------------ kNN
@@ -192,6 +194,8 @@ class MLPRouterConfig(RouterConfig):
     lr: float = 1e-3
     weight_decay: float = 1e-2
     batch_size: int = 64
+    min_steps: int = 300
+    """Train at least this many minibatch steps (more epochs on small tables)."""
 
 
 def _mlp(d: int, hidden: int, e: int, dropout: float) -> Any:
@@ -217,7 +221,8 @@ class MLPRouter(Router):
         self.meta["input_dim"] = int(x.shape[1])
         self.net = _mlp(x.shape[1], self.config.hidden, len(self.experts), self.config.dropout)
         c = self.config
-        _train_torch(self.net, self.std(x), table.scores, c.epochs, c.lr, c.weight_decay, c.batch_size, c.seed)
+        epochs = max(c.epochs, -(-c.min_steps * c.batch_size // max(1, len(x))))
+        _train_torch(self.net, self.std(x), table.scores, epochs, c.lr, c.weight_decay, c.batch_size, c.seed)
 
     def _predict_features(self, x: np.ndarray | None, prompts: list[str]) -> np.ndarray:
         assert x is not None
