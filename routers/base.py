@@ -60,10 +60,14 @@ def make_router(key: str, **overrides: Any) -> "Router":
         raise RouterError(f"--router: unknown router '{key}'; expected one of {', '.join(sorted(REGISTRY))}")
     cls = REGISTRY[key]
     fields = {f.name for f in dataclasses.fields(cls.config_cls)}
-    bad = sorted(set(overrides) - fields)
+    bad = sorted(set(overrides) - fields - {"seed"})
     if bad:
         raise RouterError(f"router '{key}': unknown option '{bad[0]}'; expected some of {', '.join(sorted(fields))}")
-    return cls(cls.config_cls(**overrides))
+    seed = overrides.pop("seed", None)
+    cfg = cls.config_cls(**overrides)
+    if seed is not None:
+        cfg.seed = seed
+    return cls(cfg)
 
 
 @dataclasses.dataclass

@@ -60,9 +60,9 @@ def _sigmoid(z: np.ndarray) -> np.ndarray:
 class KNNRouterConfig(RouterConfig):
     """Mean scores of the k most similar training prompts."""
 
-    k: int = 40
+    k: int = 100
     """Neighbours averaged per query."""
-    weighting: str = "softmax"
+    weighting: str = "uniform"
     """'uniform' or 'softmax' (weights exp(similarity / temperature))."""
     temperature: float = 0.05
     """Softmax temperature over cosine similarities."""
@@ -388,8 +388,8 @@ class EnsembleRouterConfig(RouterConfig):
     """A weighted average of member routers' predicted scores."""
 
     encoder: str = "none"
-    members: tuple[str, ...] = ("knn", "logreg", "mlp")
-    """Router keys; each is trained with its own default config (and this seed)."""
+    members: tuple[str, ...] = ("knn", "subject:mode=cluster:clusters=32", "logreg:encoder=minilm")
+    """Member routers as 'key' or 'key:option=value:...' (each trained with this seed)."""
     weights: tuple[float, ...] = ()
     """One weight per member; empty means equal weights."""
 
@@ -410,10 +410,12 @@ class EnsembleRouter(Router):
         from routers.base import make_router
 
         if not self.members:
-            self.members = [make_router(k, seed=self.config.seed) for k in self.config.members]
+            specs = [parse_member(k) for k in self.config.members]
+            self.members = [make_router(key, **{**opts, "seed": self.config.seed}) for key, opts in specs]
             for m in self.members:
                 m.fit(table)
-        self.config.members = tuple(m.key for m in self.members)
+        else:
+            self.config.members = tuple(m.key for m in self.members)
 
     def _weights(self) -> np.ndarray:
         w = np.asarray(self.config.weights or [1.0] * len(self.members), dtype=np.float64)
@@ -442,6 +444,21 @@ class EnsembleRouter(Router):
         hp["members"] = list(hp["members"])
         hp["weights"] = list(hp["weights"])
         return hp
+
+
+def parse_member(spec: str) -> tuple[str, dict[str, Any]]:
+    """'knn:k=50:encoder=tfidf' -> ('knn', {'k': 50, 'encoder': 'tfidf'}); values parsed as JSON when they can be."""
+    key, *opts = spec.split(":")
+    out: dict[str, Any] = {}
+    for o in opts:
+        if "=" not in o:
+            raise RouterError(f"ensemble member '{spec}': expected key:option=value, found '{o}'")
+        k, v = o.split("=", 1)
+        try:
+            out[k] = json.loads(v)
+        except json.JSONDecodeError:
+            out[k] = v
+    return key, out
 
 
 def members_config(directory: str | Path) -> list[dict[str, Any]]:
