@@ -16,6 +16,7 @@ from typing import Callable
 
 TRAIN_SEED = 1234
 TEST_SEED = 98765
+DEV_SEED = 4242  # router training and merge calibration: disjoint from train and test
 
 
 @dataclass(frozen=True)
@@ -113,9 +114,22 @@ def test_set(skill: str, n: int = 200, train_size: int = 4000) -> list[Example]:
     return generate(skill, n, TEST_SEED, exclude=train)
 
 
+def dev_set(skill: str, n: int = 100, train_size: int = 4000, test_size: int = 200) -> list[Example]:
+    """Held-out examples for fitting routers or merges: DEV_SEED, minus training and test questions."""
+    exclude = {e.question for e in generate(skill, train_size, TRAIN_SEED)}
+    exclude |= {e.question for e in test_set(skill, test_size, train_size)}
+    return generate(skill, n, DEV_SEED, exclude=exclude)
+
+
 def mixed_test_set(n_per_skill: int = 100) -> list[Example]:
     """The mixed-domain benchmark: every skill's test examples, interleaved in a fixed order."""
     per = [test_set(s, n_per_skill) for s in SKILLS]
+    return [ex for group in zip(*per) for ex in group]
+
+
+def mixed_dev_set(n_per_skill: int = 100) -> list[Example]:
+    """Every skill's dev examples, interleaved: routing data that never overlaps the test sets."""
+    per = [dev_set(s, n_per_skill) for s in SKILLS]
     return [ex for group in zip(*per) for ex in group]
 
 

@@ -45,9 +45,13 @@ class DomainExpertConfig:
     save_dtype: str = "float16"
 
 
+#: Steps per skill: list and unit formats are learned faster than carrying digits.
+SKILL_STEPS = {"arith": 150, "lists": 100, "units": 100}
+
+
 def default_configs() -> dict[str, DomainExpertConfig]:
     """The shipped domain experts: ``smol-<skill>`` for every skill."""
-    return {f"smol-{s}": DomainExpertConfig(skill=s) for s in skills.SKILLS}
+    return {f"smol-{s}": DomainExpertConfig(skill=s, steps=SKILL_STEPS.get(s, 150)) for s in skills.SKILLS}
 
 
 def shipped_dir() -> Path:

@@ -38,6 +38,14 @@ def test_checker(skill: str, output: str, answer: str, score: float) -> None:
     assert skills.check(skill, output, answer) == score
 
 
+def test_dev_set_is_disjoint_from_train_and_test() -> None:
+    for skill in skills.SKILLS:
+        dev = {e.question for e in skills.dev_set(skill, 30, train_size=500, test_size=40)}
+        assert len(dev) == 30
+        assert not dev & {e.question for e in skills.generate(skill, 500, skills.TRAIN_SEED)}
+        assert not dev & {e.question for e in skills.test_set(skill, 40, train_size=500)}
+
+
 def test_mixed_set_interleaves_all_skills() -> None:
     mixed = skills.mixed_test_set(5)
     assert len(mixed) == 5 * len(skills.SKILLS)
