@@ -45,8 +45,9 @@ def task_name(benchmark: str) -> str:
     return "collab_" + benchmark.replace(":", "_").replace("-", "_")
 
 
-def write_task(benchmark: str, out_dir: str | os.PathLike[str], limit: int | None = None) -> str:
-    """Write ``<task>.yaml``, ``<task>.jsonl`` (and ``utils.py``) to ``out_dir``; return the task name."""
+def write_task(benchmark: str, out_dir: str | os.PathLike[str], limit: int | None = None, max_tokens: int | None = None) -> str:
+    """Write ``<task>.yaml``, ``<task>.jsonl`` (and ``utils.py``) to ``out_dir``; return the task name.
+    ``max_tokens`` overrides a generation benchmark's length, as ``evaluate(max_tokens=...)`` does."""
     bench = get_benchmark(benchmark)
     name = task_name(bench.name)
     out = Path(out_dir).resolve()
@@ -86,7 +87,7 @@ def write_task(benchmark: str, out_dir: str | os.PathLike[str], limit: int | Non
         ]
     else:
         atomic_write_text(out / "utils.py", _UTILS)
-        gen = {"until": list(bench.stop) or ["\x00never\x00"], "max_gen_toks": bench.max_tokens, "do_sample": False}
+        gen = {"until": list(bench.stop) or ["\x00never\x00"], "max_gen_toks": max_tokens or bench.max_tokens, "do_sample": False}
         body = [
             "output_type: generate_until",
             "doc_to_text: user",
