@@ -46,7 +46,7 @@ class DomainExpertConfig:
 
 
 #: Steps per skill: list and unit formats are learned faster than carrying digits.
-SKILL_STEPS = {"arith": 150, "lists": 100, "units": 100}
+SKILL_STEPS = {"arith": 150, "lists": 60, "units": 60}
 
 
 def default_configs() -> dict[str, DomainExpertConfig]:
