@@ -18,9 +18,9 @@ def test_lm_eval_scores_match_collab_runner(tmp_path: Path, tiny_a) -> None:  # 
     from evals.runner import evaluate
 
     mc = write_task("arc_easy", tmp_path, limit=8)
-    gen = write_task("gsm8k", tmp_path, limit=2)
+    gen = write_task("gsm8k", tmp_path, limit=2, max_tokens=24)
     ours_mc = evaluate(tiny_a, "arc_easy", limit=8, progress=False)
-    ours_gen = evaluate(tiny_a, "gsm8k", limit=2, progress=False)
+    ours_gen = evaluate(tiny_a, "gsm8k", limit=2, max_tokens=24, progress=False)
     from lm_eval.tasks import TaskManager
 
     lm = CollabLM(system=tiny_a, batch_size=4)
