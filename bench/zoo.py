@@ -44,6 +44,7 @@ def main() -> int:
     ap.add_argument("--mc-limit", type=int, default=50)
     ap.add_argument("--gsm8k-limit", type=int, default=20)
     ap.add_argument("--general", default="gsm8k,arc_easy,arc_challenge,mmlu,hellaswag", help="comma-separated; '' to skip")
+    ap.add_argument("--dev-limit", type=int, default=150, help="dev questions (interleaved skills) for the router's training table")
     ap.add_argument("--markdown", default=None)
     args = ap.parse_args()
 
@@ -54,7 +55,7 @@ def main() -> int:
     spec = load_spec(ROOT / "examples" / "zoo-experts.yaml")
     runs = Path(args.runs)
     summary = collect_routing_table(spec.system, SYSTEMS, ["skill:mixed"], ROOT / "examples" / "routing" / "zoo-mixed.jsonl", runs_dir=runs / "mixed")
-    collect_routing_table(spec.system, SYSTEMS, ["skill:mixed-dev"], ROOT / "examples" / "routing" / "zoo-dev.jsonl", runs_dir=runs / "dev")
+    collect_routing_table(spec.system, SYSTEMS, ["skill:mixed-dev"], ROOT / "examples" / "routing" / "zoo-dev.jsonl", runs_dir=runs / "dev", limit=args.dev_limit)
     rows = [json.loads(line) for line in (ROOT / "examples" / "routing" / "zoo-mixed.jsonl").read_text().splitlines()]
 
     # per-skill scores from the mixed runs (their skill parts are the skill benchmarks' first 100)
