@@ -46,6 +46,7 @@ def main() -> int:
     ap.add_argument("--mc-limit", type=int, default=50)
     ap.add_argument("--gsm8k-limit", type=int, default=20)
     ap.add_argument("--general", default="gsm8k,arc_easy,arc_challenge,mmlu,hellaswag", help="comma-separated; '' to skip")
+    ap.add_argument("--mixed-limit", type=int, default=300, help="questions of skill:mixed (interleaved skills)")
     ap.add_argument("--dev-limit", type=int, default=150, help="dev questions (interleaved skills) for the router's training table")
     ap.add_argument("--markdown", default=None)
     ap.add_argument("--systems", default=",".join(SYSTEMS), help="comma-separated experts of examples/zoo-experts.yaml")
@@ -58,7 +59,7 @@ def main() -> int:
 
     spec = load_spec(ROOT / "examples" / "zoo-experts.yaml")
     runs = Path(args.runs)
-    summary = collect_routing_table(spec.system, SYSTEMS, ["skill:mixed"], ROOT / "examples" / "routing" / "zoo-mixed.jsonl", runs_dir=runs / "mixed")
+    summary = collect_routing_table(spec.system, SYSTEMS, ["skill:mixed"], ROOT / "examples" / "routing" / "zoo-mixed.jsonl", runs_dir=runs / "mixed", limit=args.mixed_limit)
     collect_routing_table(spec.system, SYSTEMS, ["skill:mixed-dev"], ROOT / "examples" / "routing" / "zoo-dev.jsonl", runs_dir=runs / "dev", limit=args.dev_limit)
     rows = [json.loads(line) for line in (ROOT / "examples" / "routing" / "zoo-mixed.jsonl").read_text().splitlines()]
 
@@ -68,7 +69,7 @@ def main() -> int:
     per_skill: dict[str, dict[str, list[float]]] = {s: {k: [] for k in SKILLS} for s in SYSTEMS}
     mixed_scores: dict[str, list[float]] = {}
     for s in SYSTEMS:
-        recs = read_results(runs / "mixed" / "skill-mixed" / s / "results.jsonl")
+        recs = read_results(runs / "mixed" / "skill-mixed" / s / "results.jsonl")[: args.mixed_limit]
         mixed_scores[s] = [r["score"] for r in recs]
         for r in recs:
             per_skill[s][r["detail"]["skill"]].append(r["score"])
@@ -79,7 +80,7 @@ def main() -> int:
 
     router_dir = ROOT / "examples" / "artefacts" / "zoo-router"
     train_router([str(ROOT / "examples" / "routing" / "zoo-dev.jsonl")], "knn", router_dir, options={"k": 10})
-    routed = evaluate(load_spec(ROOT / "examples" / "zoo.yaml").system("auto"), "skill:mixed", out_dir=runs / "mixed-routed" / "auto")
+    routed = evaluate(load_spec(ROOT / "examples" / "zoo.yaml").system("auto"), "skill:mixed", limit=args.mixed_limit, out_dir=runs / "mixed-routed" / "auto")
     routed_skill: dict[str, list[float]] = {k: [] for k in SKILLS}
     for r in routed.records:
         routed_skill[r["detail"]["skill"]].append(r["score"])
@@ -92,7 +93,7 @@ def main() -> int:
             res = evaluate(spec.system(s), bench, limit=limit, out_dir=runs / bench / s)
             general.setdefault(bench, {})[s] = (res.score, res.ci_low, res.ci_high)
 
-    lines = ["| expert | " + " | ".join(f"skill:{k} (100)" for k in SKILLS) + " | skill:mixed (300) | "
+    lines = ["| expert | " + " | ".join(f"skill:{k} ({args.mixed_limit // len(SKILLS)})" for k in SKILLS) + f" | skill:mixed ({args.mixed_limit}) | "
              + " | ".join(f"{b} ({args.gsm8k_limit if b == 'gsm8k' else args.mc_limit})" for b in general) + " |"]
     lines.append("|" + "---|" * (2 + len(SKILLS) + len(general)))
     for s in SYSTEMS:
