@@ -1,4 +1,4 @@
-"""Benchmark for `collab merge` (see docs/benchmarks/merging.md).
+"""Benchmark for `collab merge` (see docs/benchmarks.md).
 
 1. Parity: for every mergekit method, `collab merge` vs mergekit's own CLI on
    tiny Llamas (max abs difference over all tensors).

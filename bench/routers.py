@@ -3,7 +3,7 @@ RouteLLM MMLU/GSM8K APGR and CPT, and decision latency next to the raw encoder.
 
     .venv/bin/python bench/routers.py [--seeds 5] [--skip-quality] [--skip-routellm] [--skip-latency] [--bert]
 
-Prints Markdown tables (results for docs/benchmarks/routers.md) and writes them to
+Prints Markdown tables (results for docs/benchmarks.md) and writes them to
 runs/bench-routers.json.
 """
 
