@@ -26,7 +26,16 @@ import numpy as np
 
 from collab.errors import CollabError
 
-SHARED_ROUTING = Path(os.environ.get("COLLAB_SHARED_DATA", "/work/shared/data")) / "routing"
+def _shared_data() -> Path:
+    """The project's shared data folder: $COLLAB_SHARED_DATA, else ``shared/data`` beside the checkout."""
+    env = os.environ.get("COLLAB_SHARED_DATA")
+    if env:
+        return Path(env)
+    sibling = Path(__file__).resolve().parent.parent.parent / "shared" / "data"
+    return sibling if sibling.is_dir() else Path("/work/shared/data")
+
+
+SHARED_ROUTING = _shared_data() / "routing"
 
 
 class TableError(CollabError, ValueError):
