@@ -409,6 +409,8 @@ class Expert(BaseSystem):
         comps = []
         for row, (r, e, mx) in enumerate(zip(requests, encoded, max_news)):
             gen = out[row, width:].tolist()[:mx]
+            if pad in gen:  # a row that stopped before the others is padded to the batch's length
+                gen = gen[: gen.index(pad) + (1 if pad in self.eos_token_ids else 0)]
             text, finish, n = self._finish(r, gen, mx)
             comps.append(Completion(text=text, finish_reason=finish, usage=Usage(len(e), n), trace=self._trace(r)))
         return comps

@@ -181,3 +181,14 @@ def test_encoder_is_not_an_expert() -> None:
         pytest.skip("minilm package not installed")
     with pytest.raises(ModelLoadError, match="not a causal language model"):
         Expert.load("zoo:minilm-l6")
+
+
+def test_batch_usage_counts_only_generated_tokens(tiny_expert: Any) -> None:
+    from collab.system import GenerationRequest
+
+    reqs = [GenerationRequest.chat("What is 2 + 2?", max_tokens=3), GenerationRequest.chat("Hello there", max_tokens=12)]
+    batch = tiny_expert.generate_batch(reqs)
+    for b, r in zip(batch, reqs):
+        single = tiny_expert.generate(r)
+        assert b.text == single.text
+        assert b.usage == single.usage
