@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import queue
 import threading
 import time
 from dataclasses import dataclass
@@ -19,6 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
 from collab.errors import ContextLengthError, ModelLoadError
+from collab.generation import QueueStreamer, RowLimits, StopFlag, StopStrings, first_stop, stopping
 from collab.io import atomic_directory, atomic_write_json, cache_root
 from collab.system import BaseSystem, Completion, GenerationRequest, Message, StreamChunk, Usage
 
@@ -347,7 +347,7 @@ class Expert(BaseSystem):
                 break
         n = len(gen_ids)
         text = self.tokenizer.decode(gen_ids, skip_special_tokens=True)
-        cut = _first_stop(text, self._stops(request))
+        cut = first_stop(text, self._stops(request))
         if cut is not None:
             text, finish = text[:cut], "stop"
         elif finish == "length" and n < max_new:
@@ -363,7 +363,7 @@ class Expert(BaseSystem):
         stops = self._stops(request)
         kw = self._generate_kwargs(request, max_new)
         if stops:
-            kw["stopping_criteria"] = _stopping([_StopStrings(self.tokenizer, stops, len(ids))])
+            kw["stopping_criteria"] = stopping([StopStrings(self.tokenizer, stops, len(ids))])
         input_ids = torch.tensor([ids], device=self.device)
         with self._lock, torch.inference_mode():
             if request.seed is not None:
@@ -401,7 +401,7 @@ class Expert(BaseSystem):
         mask = torch.tensor([[0] * (width - len(e)) + [1] * len(e) for e in encoded], device=self.device)
         max_news = [self._max_new(r, width) for r in requests]
         kw = self._generate_kwargs(requests[0], max(max_news))
-        kw["stopping_criteria"] = _stopping([_RowLimits(self.tokenizer, [self._stops(r) for r in requests], max_news, width)])
+        kw["stopping_criteria"] = stopping([RowLimits(self.tokenizer, [self._stops(r) for r in requests], max_news, width)])
         with self._lock, torch.inference_mode():
             if requests[0].seed is not None:
                 torch.manual_seed(requests[0].seed)
@@ -423,12 +423,12 @@ class Expert(BaseSystem):
         max_new = self._max_new(request, len(ids))
         stops = self._stops(request)
         hold = max((len(s) for s in stops), default=1) - 1
-        streamer = _QueueStreamer()
+        streamer = QueueStreamer()
         kw = self._generate_kwargs(request, max_new)
-        crit = [_StopFlag(streamer)]
+        crit = [StopFlag(streamer)]
         if stops:
-            crit.append(_StopStrings(self.tokenizer, stops, len(ids)))
-        kw["stopping_criteria"] = _stopping(crit)
+            crit.append(StopStrings(self.tokenizer, stops, len(ids)))
+        kw["stopping_criteria"] = stopping(crit)
         input_ids = torch.tensor([ids], device=self.device)
 
         def run() -> None:
@@ -454,7 +454,7 @@ class Expert(BaseSystem):
                     break
                 gen.append(token)
                 text = self.tokenizer.decode(gen, skip_special_tokens=True)
-                cut = _first_stop(text, stops)
+                cut = first_stop(text, stops)
                 if cut is not None:
                     if cut > emitted:
                         yield StreamChunk(text=text[emitted:cut])
@@ -471,7 +471,7 @@ class Expert(BaseSystem):
             worker.join()
         streamer.raise_if_failed()
         text = self.tokenizer.decode(gen, skip_special_tokens=True)
-        cut = _first_stop(text, stops)
+        cut = first_stop(text, stops)
         if cut is not None:
             text, finish = text[:cut], "stop"
         elif finish is None:
@@ -596,114 +596,6 @@ def _apply_adapter(model: Any, adapter_dir: Path) -> Any:
         raise ModelLoadError(f"{adapter_dir}: adapter_model.safetensors not found (pickled adapters are not loaded)")
     peft_model = PeftModel.from_pretrained(model, str(adapter_dir))
     return peft_model.merge_and_unload()
-
-
-def _first_stop(text: str, stops: Sequence[str]) -> int | None:
-    cuts = [i for i in (text.find(s) for s in stops) if i >= 0]
-    return min(cuts) if cuts else None
-
-
-def _stopping(criteria: list[Any]) -> Any:
-    from transformers import StoppingCriteriaList
-
-    return StoppingCriteriaList(criteria)
-
-
-class _StopStrings:
-    """Stop a single sequence once its generated text contains a stop string."""
-
-    def __init__(self, tokenizer: Any, stops: Sequence[str], prompt_len: int) -> None:
-        self.tokenizer = tokenizer
-        self.stops = list(stops)
-        self.prompt_len = prompt_len
-        # a token is at least one character, so this many tokens cover the longest stop
-        self.window = max(len(s) for s in stops) + 8
-
-    def __call__(self, input_ids: "torch.Tensor", scores: Any, **kwargs: Any) -> "torch.Tensor":
-        import torch
-
-        done = []
-        for row in input_ids:
-            tail = row[max(self.prompt_len, row.shape[0] - self.window) :].tolist()
-            text = self.tokenizer.decode(tail, skip_special_tokens=True)
-            done.append(any(s in text for s in self.stops))
-        return torch.tensor(done, device=input_ids.device)
-
-
-class _RowLimits:
-    """Per-row stop strings and max_tokens for a padded batch."""
-
-    def __init__(self, tokenizer: Any, stops: list[list[str]], max_news: list[int], prompt_len: int) -> None:
-        self.tokenizer = tokenizer
-        self.stops = stops
-        self.max_news = max_news
-        self.prompt_len = prompt_len
-
-    def __call__(self, input_ids: "torch.Tensor", scores: Any, **kwargs: Any) -> "torch.Tensor":
-        import torch
-
-        n = input_ids.shape[1] - self.prompt_len
-        done = []
-        for row, stops, mx in zip(input_ids, self.stops, self.max_news):
-            if n >= mx:
-                done.append(True)
-                continue
-            if stops:
-                window = max(len(s) for s in stops) + 8
-                text = self.tokenizer.decode(row[max(self.prompt_len, row.shape[0] - window) :].tolist(), skip_special_tokens=True)
-                done.append(any(s in text for s in stops))
-            else:
-                done.append(False)
-        return torch.tensor(done, device=input_ids.device)
-
-
-class _QueueStreamer:
-    """A transformers streamer that hands generated token ids to another thread."""
-
-    _END = object()
-
-    def __init__(self) -> None:
-        self.q: queue.Queue[Any] = queue.Queue()
-        self.prompt_seen = False
-        self.stop_requested = False
-        self.error: BaseException | None = None
-
-    def put(self, value: "torch.Tensor") -> None:
-        if not self.prompt_seen:  # generate() first puts the prompt
-            self.prompt_seen = True
-            return
-        for t in value.reshape(-1).tolist():
-            self.q.put(int(t))
-
-    def end(self) -> None:
-        self.q.put(self._END)
-
-    def fail(self, e: BaseException) -> None:
-        self.error = e
-        self.q.put(self._END)
-
-    def raise_if_failed(self) -> None:
-        if self.error is not None:
-            raise self.error
-
-    def __iter__(self) -> Iterator[int]:
-        while True:
-            item = self.q.get()
-            if item is self._END:
-                return
-            yield item
-
-
-class _StopFlag:
-    """Lets the consumer of a stream stop generation early (client went away, stop string)."""
-
-    def __init__(self, streamer: _QueueStreamer) -> None:
-        self.streamer = streamer
-
-    def __call__(self, input_ids: "torch.Tensor", scores: Any, **kwargs: Any) -> "torch.Tensor":
-        import torch
-
-        return torch.full((input_ids.shape[0],), self.streamer.stop_requested, dtype=torch.bool, device=input_ids.device)
 
 
 class RemoteExpert(BaseSystem):

@@ -63,8 +63,6 @@ def eval_command(
 ) -> None:
     """Score systems on benchmarks (collab eval SPEC --system NAME --bench NAME), collect a routing
     table (--systems a,b --bench X,Y --routing-table OUT.jsonl) or compare runs (--compare DIR...)."""
-    from collab.errors import CollabError
-
     if list_benches:
         from evals.benchmarks import benchmark_names, get_benchmark
 

@@ -298,7 +298,6 @@ def evaluate(
     if batch_size < 1:
         raise EvalRunError(f"batch_size: expected a positive integer, found {batch_size}")
     examples = bench.examples(limit)
-    wanted = {ex.id for ex in examples}
     done: dict[str, dict[str, Any]] = {}
     out = Path(out_dir) if out_dir is not None else None
     seconds_before = 0.0
