@@ -129,11 +129,16 @@ def _torch_dtype(dtype: str) -> Any:
     return "auto" if dtype == "auto" else getattr(torch, dtype)
 
 
+def gguf_cache_dir(cache_key: str) -> Path:
+    """Where the de-quantised safetensors of the GGUF with ``cache_key`` live."""
+    return cache_root() / "gguf" / f"{cache_key}-v{GGUF_CACHE_VERSION}"
+
+
 def dequantised_dir(res: ResolvedRef) -> Path:
     """The safetensors model directory for a GGUF reference: de-quantised on first
     use into ``$COLLAB_CACHE/gguf/``, reused afterwards."""
     assert res.gguf_file is not None and res.cache_key is not None
-    target = cache_root() / "gguf" / f"{res.cache_key}-v{GGUF_CACHE_VERSION}"
+    target = gguf_cache_dir(res.cache_key)
     if (target / "collab_source.json").exists():
         return target
     import torch

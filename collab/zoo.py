@@ -203,10 +203,9 @@ def resolve(name: str) -> "ResolvedRef":
     version = entry.version() or "0"
     key = f"zoo-{name}-{version}"
     if name == "gemma3-270m":
-        from collab.experts import GGUF_CACHE_VERSION
-        from collab.io import cache_root
+        from collab.experts import gguf_cache_dir
 
-        cached = cache_root() / "gguf" / f"{key}-v{GGUF_CACHE_VERSION}"
+        cached = gguf_cache_dir(key)
         if (cached / "collab_source.json").exists():  # skip re-assembling 250 MB
             return ResolvedRef(path=cached, name=name, prompt_format=entry.prompt_format)
     path = entry.path()
