@@ -202,6 +202,7 @@ class Expert(BaseSystem):
         self.name = name
         self.ref = ref
         self.batch_size = batch_size
+        self.share_context = True
         if tokenizer.pad_token_id is None:
             tokenizer.pad_token = tokenizer.eos_token
         tokenizer.padding_side = "left"
@@ -380,7 +381,8 @@ class Expert(BaseSystem):
     def generate_batch(self, requests: Sequence[GenerationRequest]) -> list[Completion]:
         """Generate for several requests in padded batches of ``batch_size``.
 
-        Requests are grouped by sampling settings; greedy answers match
+        Requests are grouped by sampling settings and batched by prompt length;
+        results come back in the order of ``requests``. Greedy answers match
         ``generate`` up to float rounding from padding."""
         results: list[Completion | None] = [None] * len(requests)
         groups: dict[tuple[Any, ...], list[int]] = {}
@@ -388,6 +390,9 @@ class Expert(BaseSystem):
             key = (float(r.temperature), float(r.top_p), r.seed)
             groups.setdefault(key, []).append(i)
         for idx in groups.values():
+            if len(idx) > self.batch_size:  # similar lengths share a batch: less padding to compute
+                lengths = {i: len(self.encode(requests[i])) for i in idx}
+                idx.sort(key=lambda i: lengths[i])
             for start in range(0, len(idx), self.batch_size):
                 chunk = idx[start : start + self.batch_size]
                 for i, c in zip(chunk, self._generate_padded([requests[i] for i in chunk])):
@@ -502,36 +507,128 @@ class Expert(BaseSystem):
         """log P(continuation | context) summed over the continuation's tokens."""
         return self.loglikelihood_batch([(context, continuation)])[0][0]
 
-    def loglikelihood_batch(self, pairs: Sequence[tuple[str, str]], batch_size: int | None = None) -> list[tuple[float, bool]]:
+    def loglikelihood_batch(
+        self, pairs: Sequence[tuple[str, str]], batch_size: int | None = None, share_context: bool | None = None
+    ) -> list[tuple[float, bool]]:
         """For each (context, continuation): the summed log-probability and whether
-        the continuation is the greedy one, as lm-eval's ``loglikelihood`` returns."""
+        the continuation is the greedy one, as lm-eval's ``loglikelihood`` returns.
+
+        Continuations of the same context share one pass over it: the context
+        and all its continuations are packed into one row whose attention mask
+        lets each continuation see the context and itself only (positions restart
+        after the context), so a four-way multiple-choice question costs one
+        context plus four answers instead of four contexts. Rows are sorted by
+        length and sent ``batch_size`` at a time; logits are computed only where
+        a continuation token is predicted. ``share_context=False`` (or the
+        expert's ``share_context`` attribute) scores every pair in its own row.
+        """
+        split = [self._split_context(c, x) for c, x in pairs]
+        share = self.share_context if share_context is None else share_context
+        rows = self._pack_rows(split) if share else [_Row(ctx, [(i, cont)]) for i, (ctx, cont) in enumerate(split)]
+        rows.sort(key=lambda r: -r.length)
+        out: list[tuple[float, bool]] = [(0.0, True)] * len(pairs)
+        bs = batch_size or self.batch_size
+        for start in range(0, len(rows), bs):
+            for i, res in self._score_rows(rows[start : start + bs]):
+                out[i] = res
+        return out
+
+    def _pack_rows(self, split: list[tuple[list[int], list[int]]]) -> list["_Row"]:
+        limit = self.context_window
+        window = getattr(self.model.config.get_text_config(), "sliding_window", None)
+        if window:  # a packed row must not reach past a sliding-window layer's span
+            limit = min(limit, int(window))
+        by_ctx: dict[tuple[int, ...], list[tuple[int, list[int]]]] = {}
+        for i, (ctx, cont) in enumerate(split):
+            by_ctx.setdefault(tuple(ctx), []).append((i, cont))
+        rows: list[_Row] = []
+        for ctx_t, items in by_ctx.items():
+            ctx = list(ctx_t)
+            row = _Row(ctx, [])
+            for i, cont in items:
+                if len(ctx) + len(cont) > limit:  # too long to pack: its own row, truncated on the left
+                    rows.append(_Row(ctx, [(i, cont)]))
+                    continue
+                if row.conts and row.length + len(cont) > limit:
+                    rows.append(row)
+                    row = _Row(ctx, [])
+                row.conts.append((i, cont))
+            if row.conts:
+                rows.append(row)
+        return rows
+
+    def _score_rows(self, rows: list["_Row"]) -> list[tuple[int, tuple[float, bool]]]:
         import torch
 
-        bs = batch_size or self.batch_size
-        out: list[tuple[float, bool]] = []
-        split = [self._split_context(c, x) for c, x in pairs]
-        for start in range(0, len(split), bs):
-            chunk = split[start : start + bs]
-            seqs = [(ctx + cont)[-self.context_window :] for ctx, cont in chunk]
-            width = max(len(s) for s in seqs)
-            pad = self.tokenizer.pad_token_id
-            ids = torch.tensor([s + [pad] * (width - len(s)) for s in seqs], device=self.device)
-            mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in seqs], device=self.device)
-            with self._lock, torch.inference_mode():
-                logits = self.model(input_ids=ids, attention_mask=mask).logits.float()  # (B, T, V)
-            logp = torch.log_softmax(logits, dim=-1)
-            for row, (s, (_, cont)) in enumerate(zip(seqs, chunk)):
-                n = len(cont)
-                if n == 0:
-                    out.append((0.0, True))
+        seqs, positions, preds, targets = [], [], [], []
+        for row in rows:
+            seq, pos, pred, tgt = row.layout(self.context_window)
+            seqs.append(seq)
+            positions.append(pos)
+            preds.append(pred)
+            targets.append(tgt)
+        width = max(len(s) for s in seqs)
+        b = len(rows)
+        pad = self.tokenizer.pad_token_id
+        dtype = next(self.model.parameters()).dtype
+        ids = torch.full((b, width), pad, dtype=torch.long)
+        pos_ids = torch.zeros((b, width), dtype=torch.long)
+        allowed = torch.zeros((b, width, width), dtype=torch.bool)
+        keep = torch.zeros((b, width), dtype=torch.bool)
+        for r, (row, seq, pos, pred, tgt) in enumerate(zip(rows, seqs, positions, preds, targets)):
+            n = len(seq)
+            ids[r, :n] = torch.tensor(seq)
+            pos_ids[r, :n] = torch.tensor(pos)
+            allowed[r, :n, :n] = row.visibility(n, n - sum(len(t) for t in tgt))
+            allowed[r, n:, n:] = torch.eye(width - n, dtype=torch.bool)  # padding attends to itself only
+            for p_cont in pred:
+                keep[r, p_cont] = True
+        mask = torch.zeros((b, 1, width, width), dtype=dtype)
+        mask.masked_fill_(~allowed[:, None], torch.finfo(dtype).min)
+        logits = self._logits_at(ids, mask, pos_ids, keep)  # (n_keep, V), row-major over keep
+        logp = torch.log_softmax(logits.float(), dim=-1)
+        flat_index = torch.cumsum(keep.flatten(), 0).view(b, width) - 1
+        results: list[tuple[int, tuple[float, bool]]] = []
+        for r, (row, pred, tgt) in enumerate(zip(rows, preds, targets)):
+            for (i, _), p_idx, t in zip(row.conts, pred, tgt):
+                if not p_idx:
+                    results.append((i, (0.0, True)))
                     continue
-                pos = torch.arange(len(s) - n - 1, len(s) - 1, device=self.device)
-                target = torch.tensor(s[len(s) - n :], device=self.device)
-                lp = logp[row, pos]  # (n, V)
+                lp = logp[flat_index[r, p_idx]]
+                target = torch.tensor(t, device=lp.device)
                 total = float(lp.gather(1, target[:, None]).sum())
-                greedy = bool((lp.argmax(-1) == target).all())
-                out.append((total, greedy))
-        return out
+                results.append((i, (total, bool((lp.argmax(-1) == target).all()))))
+        return results
+
+    def _logits_at(self, ids: "torch.Tensor", mask: "torch.Tensor", pos: "torch.Tensor", keep: "torch.Tensor") -> "torch.Tensor":
+        """Logits at the ``keep`` positions only, flattened row-major; the vocabulary
+        projection of every other position is skipped where transformers allows it."""
+        import torch
+
+        dev = self.device
+        args = {"input_ids": ids.to(dev), "attention_mask": mask.to(dev), "position_ids": pos.to(dev), "use_cache": False}
+        n_keep = int(keep.sum())
+        with self._lock, torch.inference_mode():
+            if self._slices_logits:
+                logits = self.model(**args, logits_to_keep=keep.to(dev)).logits
+                if logits.dim() == 2 and logits.shape[0] == n_keep:
+                    return logits
+                if logits.dim() == 3 and tuple(logits.shape[:2]) == tuple(keep.shape):
+                    return logits[keep.to(dev)]
+                self._slices_logits = False  # this transformers release ignores a boolean logits_to_keep
+            return self.model(**args).logits[keep.to(dev)]
+
+    @property
+    def _slices_logits(self) -> bool:
+        if not hasattr(self, "_slices_logits_flag"):
+            import inspect
+
+            self._slices_logits_flag = "logits_to_keep" in inspect.signature(self.model.forward).parameters
+        return self._slices_logits_flag
+
+    @_slices_logits.setter
+    def _slices_logits(self, value: bool) -> None:
+        self._slices_logits_flag = value
 
     def loglikelihood_rolling(self, text: str) -> float:
         """log P(text) under the model, in windows of the context length (for perplexity)."""
@@ -589,6 +686,53 @@ class Expert(BaseSystem):
 
         params = inspect.signature(self.model.forward).parameters
         return "cache" if "cache" in params else "past_key_values"
+
+
+@dataclass
+class _Row:
+    """One packed scoring row: a context followed by continuations of it."""
+
+    ctx: list[int]
+    conts: list[tuple[int, list[int]]]  # (index of the pair in the caller's list, continuation tokens)
+
+    @property
+    def length(self) -> int:
+        return len(self.ctx) + sum(len(c) for _, c in self.conts)
+
+    def layout(self, window: int) -> tuple[list[int], list[int], list[list[int]], list[list[int]]]:
+        """Tokens, position ids, and for each continuation the row indices whose
+        outputs predict its tokens and the tokens themselves."""
+        ctx = self.ctx
+        if len(self.conts) == 1 and self.length > window:  # one long pair: drop the oldest context tokens
+            n = len(self.conts[0][1])
+            if n >= window:
+                raise ContextLengthError(f"continuation of {n} tokens does not fit the context window of {window} tokens")
+            ctx = ctx[len(ctx) + n - window :]
+        seq, pos = list(ctx), list(range(len(ctx)))
+        preds: list[list[int]] = []
+        tgts: list[list[int]] = []
+        for _, cont in self.conts:
+            start = len(seq)
+            preds.append([len(ctx) - 1] + [start + t for t in range(len(cont) - 1)] if cont else [])
+            tgts.append(list(cont))
+            seq.extend(cont)
+            pos.extend(range(len(ctx), len(ctx) + len(cont)))
+        return seq, pos, preds, tgts
+
+    def visibility(self, n: int, ctx_len: int) -> "torch.Tensor":
+        """(n, n) boolean: query i may attend to key j. Causal over the context;
+        each continuation sees the context and its own earlier tokens."""
+        import torch
+
+        causal = torch.tril(torch.ones((n, n), dtype=torch.bool))
+        segment = torch.zeros(n, dtype=torch.long)  # 0 = context, k = k-th continuation
+        start = ctx_len
+        for k, (_, cont) in enumerate(self.conts, 1):
+            segment[start : start + len(cont)] = k
+            start += len(cont)
+        same = segment[:, None] == segment[None, :]
+        sees_ctx = (segment[None, :] == 0).expand(n, n)
+        return causal & (same | sees_ctx)
 
 
 def _apply_adapter(model: Any, adapter_dir: Path) -> Any:

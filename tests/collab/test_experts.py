@@ -59,6 +59,56 @@ def test_loglikelihood_batch_equals_single(tiny_expert: Any) -> None:
         assert isinstance(greedy, bool)
 
 
+def _manual_ll(expert: Any, ctx: str, cont: str) -> float:
+    import torch
+
+    tok = expert.tokenizer
+    ctx_ids, whole = tok(ctx).input_ids, tok(ctx + cont).input_ids
+    with torch.no_grad():
+        logp = torch.log_softmax(expert.model(torch.tensor([whole])).logits[0], -1)
+    return sum(float(logp[i - 1, whole[i]]) for i in range(len(ctx_ids), len(whole)))
+
+
+def test_shared_context_rows_equal_separate_forward_passes(tiny_expert: Any) -> None:
+    q = "Question: which is a fruit?\nAnswer:"
+    pairs = [(q, " apple"), ("Hello", " there"), (q, " a red brick wall"), (q, " stone"), ("Hello", " you"), (q, "")]
+    packed = tiny_expert.loglikelihood_batch(pairs, batch_size=2)
+    rows = tiny_expert._pack_rows([tiny_expert._split_context(c, x) for c, x in pairs])
+    assert sorted(len(r.conts) for r in rows) == [2, 4]  # one row per distinct context
+    separate = tiny_expert.loglikelihood_batch(pairs, batch_size=1, share_context=False)
+    assert packed[-1] == (0.0, True)  # an empty continuation
+    for (c, x), (ll, greedy), (ll_sep, greedy_sep) in zip(pairs[:-1], packed, separate):
+        assert ll == pytest.approx(_manual_ll(tiny_expert, c, x), abs=1e-4)
+        assert ll_sep == pytest.approx(ll, abs=1e-4) and greedy == greedy_sep
+
+
+def test_packed_rows_respect_the_context_window(tiny_expert: Any) -> None:
+    window = tiny_expert.context_window  # 256 for the tiny model
+    ctx = ("one two three " * 8).strip()  # 86 tokens, each continuation 55: three fit in 256
+    conts = [" four five six seven" * 3 for _ in range(6)]
+    split = [tiny_expert._split_context(ctx, c) for c in conts]
+    rows = tiny_expert._pack_rows(split)
+    assert [len(r.conts) for r in rows] == [3, 3] and all(r.length <= window for r in rows)
+    lls = tiny_expert.loglikelihood_batch([(ctx, c) for c in conts])
+    assert lls[0][0] == pytest.approx(_manual_ll(tiny_expert, ctx, conts[0]), abs=1e-3)
+
+
+def test_pair_longer_than_the_window_keeps_its_last_tokens(tiny_expert: Any) -> None:
+    import torch
+
+    ctx, cont = "word " * 400, " end of it"
+    ll = tiny_expert.loglikelihood(ctx, cont)
+    ctx_ids, cont_ids = tiny_expert._split_context(ctx, cont)
+    seq = (ctx_ids + cont_ids)[-tiny_expert.context_window :]
+    with torch.no_grad():
+        logp = torch.log_softmax(tiny_expert.model(torch.tensor([seq])).logits[0], -1)
+    n = len(cont_ids)
+    manual = sum(float(logp[len(seq) - n - 1 + j, seq[len(seq) - n + j]]) for j in range(n))
+    assert ll == pytest.approx(manual, abs=1e-3)
+    with pytest.raises(ContextLengthError, match="does not fit the context window"):
+        tiny_expert.loglikelihood("hi", " word" * 400)
+
+
 def test_loglikelihood_greedy_flag(tiny_expert: Any) -> None:
     import torch
 
