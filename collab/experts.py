@@ -610,12 +610,15 @@ class Expert(BaseSystem):
         n_keep = int(keep.sum())
         with self._lock, torch.inference_mode():
             if self._slices_logits:
-                logits = self.model(**args, logits_to_keep=keep.to(dev)).logits
-                if logits.dim() == 2 and logits.shape[0] == n_keep:
+                try:
+                    logits = self.model(**args, logits_to_keep=keep.to(dev)).logits
+                except (TypeError, IndexError, RuntimeError):
+                    logits = None  # a release that does not take a boolean logits_to_keep
+                if logits is not None and logits.dim() == 2 and logits.shape[0] == n_keep:
                     return logits
-                if logits.dim() == 3 and tuple(logits.shape[:2]) == tuple(keep.shape):
+                if logits is not None and logits.dim() == 3 and tuple(logits.shape[:2]) == tuple(keep.shape):
                     return logits[keep.to(dev)]
-                self._slices_logits = False  # this transformers release ignores a boolean logits_to_keep
+                self._slices_logits = False
             return self.model(**args).logits[keep.to(dev)]
 
     @property
