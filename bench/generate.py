@@ -21,17 +21,9 @@ import tempfile
 import time
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-PROMPTS = [
-    "Write a short story about a robot who learns to paint.",
-    "Explain why the sky is blue in three sentences.",
-    "List five fruits and one fact about each.",
-    "What are the main causes of the French Revolution?",
-    "Describe how a bicycle works.",
-    "Give me a recipe for pancakes.",
-    "What is photosynthesis?",
-    "Write a poem about the sea.",
-]
+from bench.prompts import PROMPTS  # noqa: E402
 
 
 def bench_single(expert, reps: int, max_tokens: int) -> dict:

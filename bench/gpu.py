@@ -35,16 +35,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != ROOT / "bench"]
 sys.path.insert(0, str(ROOT))
 
-PROMPTS = [
-    "Write a short story about a robot who learns to paint.",
-    "Explain why the sky is blue in three sentences.",
-    "List five fruits and one fact about each.",
-    "What are the main causes of the French Revolution?",
-    "Describe how a bicycle works.",
-    "Give me a recipe for pancakes.",
-    "What is photosynthesis?",
-    "Write a poem about the sea.",
-]
+from bench.prompts import PROMPTS  # noqa: E402
+
 QUESTIONS = [
     ("Question: Which gas do plants take in for photosynthesis?\nAnswer:", [" oxygen", " carbon dioxide", " nitrogen", " helium"]),
     ("Question: What force pulls objects toward the Earth?\nAnswer:", [" magnetism", " friction", " gravity", " tension"]),
