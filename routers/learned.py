@@ -56,6 +56,21 @@ def _sigmoid(z: np.ndarray) -> np.ndarray:
 
 
 # ------------------------------------------------------------------ kNN
+def _similarities(x: np.ndarray, train_x: np.ndarray) -> np.ndarray:
+    """``x @ train_x.T``. When torch is loaded (the MiniLM encoder runs in it), the product
+    runs in torch's thread pool: numpy's OpenBLAS starts its own worker threads for a
+    product this size, and on a small machine they keep spinning after it returns and
+    starve the next MiniLM forward of a core (measured: 55 ms forward became 134 ms
+    end to end on 2 cores; 55 ms with the product in torch)."""
+    import sys
+
+    torch = sys.modules.get("torch")
+    if torch is None or len(x) > 256:
+        return x @ train_x.T
+    with torch.inference_mode():
+        return (torch.from_numpy(np.ascontiguousarray(x)) @ torch.from_numpy(np.ascontiguousarray(train_x)).T).numpy()
+
+
 @dataclasses.dataclass
 class KNNRouterConfig(RouterConfig):
     """Mean scores of the k most similar training prompts."""
@@ -83,7 +98,7 @@ class KNNRouter(Router):
 
     def _predict_features(self, x: np.ndarray | None, prompts: list[str]) -> np.ndarray:
         assert x is not None
-        sims = x.astype(np.float32) @ self.train_x.T  # (n, N)
+        sims = _similarities(x.astype(np.float32), self.train_x)  # (n, N)
         k = min(self.config.k, sims.shape[1])
         top = np.argpartition(-sims, k - 1, axis=1)[:, :k]  # (n, k)
         s = np.take_along_axis(sims, top, axis=1)
@@ -465,3 +480,142 @@ def members_config(directory: str | Path) -> list[dict[str, Any]]:
     """The member configs of a saved ensemble (for display)."""
     d = Path(directory)
     return [json.loads((p / "config.json").read_text()) for p in sorted(d.glob("member*"))]
+
+
+# ------------------------------------------------------------ partition
+@dataclasses.dataclass
+class PartitionRouterConfig(RouterConfig):
+    """An average over many k-means partitions of the prompt space of each cell's
+    (smoothed) mean expert scores; the partition sizes, the smoothing and the feature
+    view are chosen on a validation split carved from the training table."""
+
+    encoder: str = "minilm+tfidf"
+    clusters: tuple[int, ...] = (16, 24, 32)
+    """Numbers of clusters; ``repeats`` k-means runs (different seeds) for each."""
+    repeats: int = 8
+    smoothing: float = 5.0
+    """Pseudo-count shrinking each cell's means toward the training means."""
+    view: str = "all"
+    """'all' encoder features, or 'first': the first encoder's block only (MiniLM of minilm+tfidf)."""
+    select: bool = True
+    """Choose ``clusters``, ``smoothing`` and ``view`` from ``grid_*`` on a validation split of
+    the training table (stratified by task), then refit on the whole training table."""
+    validation: float = 0.2
+    grid_clusters: tuple[tuple[int, ...], ...] = ((16,), (24,), (32,), (16, 24, 32))
+    grid_smoothing: tuple[float, ...] = (2.0, 5.0, 15.0)
+    grid_view: tuple[str, ...] = ("all", "first")
+
+
+def _nearest(x: np.ndarray, centroids: np.ndarray) -> np.ndarray:
+    """Index of the nearest centroid (Euclidean) for each row of x."""
+    d = (centroids * centroids).sum(1)[None, :] - 2.0 * _similarities(x.astype(np.float32), centroids)
+    return d.argmin(axis=1)
+
+
+@register_router("partition")
+class PartitionRouter(Router):
+    """Bench-CoE's cluster-level routing made smoother: each of many k-means partitions
+    (several k, several seeds) predicts a prompt's expert scores as the mean over its
+    cell, and the router averages them, which works like an adaptive-bandwidth kernel
+    smoother over the embedding space. On LLMRouter this beat kNN, one k-means, per-expert
+    logistic regression, random forests and stacked meta-models (docs/benchmarks.md)."""
+
+    config_cls = PartitionRouterConfig
+    reference_url = "https://arxiv.org/abs/2412.04167"
+
+    def _view(self, x: np.ndarray, view: str) -> np.ndarray:
+        if view == "all":
+            return x
+        if view == "first":
+            return x[:, : int(self.meta.get("first_dim", x.shape[1]))]
+        raise RouterError(f"partition: view: expected 'all' or 'first', found {view!r}")
+
+    def _partitions(self, x: np.ndarray, ks: tuple[int, ...], seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
+        """(labels, centroids) for each of ``repeats`` k-means runs per k."""
+        from sklearn.cluster import KMeans
+
+        out = []
+        for k in ks:
+            k = max(1, min(int(k), len(x)))
+            for r in range(self.config.repeats):
+                km = KMeans(n_clusters=k, n_init=1, random_state=seed * 1000 + r * 31 + k).fit(x)
+                out.append((km.labels_, km.cluster_centers_.astype(np.float32)))
+        return out
+
+    @staticmethod
+    def _cell_means(labels: np.ndarray, k: int, scores: np.ndarray, smoothing: float) -> np.ndarray:
+        glob = scores.mean(axis=0)
+        sums = np.zeros((k, scores.shape[1]))
+        np.add.at(sums, labels, scores)
+        counts = np.bincount(labels, minlength=k)[:, None]
+        return (sums + smoothing * glob) / (counts + smoothing)
+
+    def _fit(self, x: np.ndarray | None, table: RoutingTable) -> None:
+        assert x is not None
+        enc = self.encoder
+        parts = getattr(enc, "parts", None)
+        self.meta["first_dim"] = int(parts[0].encode(table.prompts[:1]).shape[1]) if parts else int(x.shape[1])
+        c = self.config
+        if c.select and len(table) >= 50:
+            self._select(x, table)
+        xv = self._view(x, c.view)
+        cents, cells, offsets = [], [], [0]
+        for labels, centroids in self._partitions(xv, tuple(c.clusters), c.seed):
+            cents.append(centroids)
+            cells.append(self._cell_means(labels, len(centroids), table.scores, c.smoothing))
+            offsets.append(offsets[-1] + len(centroids))
+        self.centroids = np.concatenate(cents).astype(np.float32)
+        self.cell_scores = np.concatenate(cells)
+        self.offsets = np.asarray(offsets, dtype=np.int64)
+
+    def _select(self, x: np.ndarray, table: RoutingTable) -> None:
+        """Grid search on a validation split of the training table (never the test set)."""
+        from routers.table import split_indices
+
+        c = self.config
+        fit_i, val_i = split_indices(table.tasks, c.validation, c.seed + 7919)
+        fit_i, val_i = np.asarray(fit_i), np.asarray(val_i)
+        y_fit, y_val = table.scores[fit_i], table.scores[val_i]
+        all_k = sorted({int(k) for ks in c.grid_clusters for k in ks})
+        results = []
+        for view in c.grid_view:
+            xv = self._view(x, view)
+            # One set of partitions per k, reused by every (clusters, smoothing) combination.
+            per_k = {k: [(lab, _nearest(xv[val_i], cen)) for lab, cen in self._partitions(xv[fit_i], (k,), c.seed)] for k in all_k}
+            for smoothing in c.grid_smoothing:
+                preds_k = {k: [self._cell_means(lab, min(k, len(fit_i)), y_fit, smoothing)[near] for lab, near in per_k[k]] for k in all_k}
+                for ks in c.grid_clusters:
+                    p = np.mean([q for k in ks for q in preds_k[k]], axis=0)
+                    score = float(y_val[np.arange(len(val_i)), p.argmax(1)].mean())
+                    results.append((score, view, tuple(int(k) for k in ks), float(smoothing)))
+        results.sort(key=lambda r: -r[0])
+        best = results[0]
+        c.view, c.clusters, c.smoothing = best[1], best[2], best[3]
+        self.meta["validation"] = {"queries": int(len(val_i)), "best_single": float(y_val.mean(0).max()), "oracle": float(y_val.max(1).mean()), "chosen_score": best[0], "grid": [{"score": s, "view": v, "clusters": list(k), "smoothing": sm} for s, v, k, sm in results]}
+
+    def _predict_features(self, x: np.ndarray | None, prompts: list[str]) -> np.ndarray:
+        assert x is not None
+        xv = self._view(x, self.config.view)
+        out = np.zeros((len(xv), self.cell_scores.shape[1]))
+        n = len(self.offsets) - 1
+        for i in range(n):
+            a, b = int(self.offsets[i]), int(self.offsets[i + 1])
+            out += self.cell_scores[a:b][_nearest(xv, self.centroids[a:b])]
+        return out / max(n, 1)
+
+    def hyperparameters(self) -> dict[str, Any]:
+        hp = dataclasses.asdict(self.config)
+        for k in ("clusters", "grid_smoothing", "grid_view"):
+            hp[k] = list(hp[k])
+        hp["grid_clusters"] = [list(g) for g in hp["grid_clusters"]]
+        return hp
+
+    def _state(self) -> dict[str, np.ndarray]:
+        return {"centroids": self.centroids, "cell_scores": self.cell_scores, "offsets": self.offsets}
+
+    def _load_state(self, t: dict[str, np.ndarray]) -> None:
+        self.centroids, self.cell_scores, self.offsets = t["centroids"], t["cell_scores"], t["offsets"].astype(np.int64)
+        c = self.config
+        c.clusters = tuple(int(k) for k in c.clusters)
+        c.grid_clusters = tuple(tuple(int(k) for k in g) for g in c.grid_clusters)
+        c.grid_smoothing, c.grid_view = tuple(c.grid_smoothing), tuple(c.grid_view)

@@ -17,11 +17,12 @@ LEARNED = {
     "mf": {"encoder": "tfidf"},
     "subject": {"encoder": "tfidf"},
     "subject-cluster": {"encoder": "tfidf", "mode": "cluster", "clusters": 4},
+    "partition": {"encoder": "tfidf", "clusters": [2, 4], "repeats": 3, "grid_clusters": [[2], [4], [2, 4]], "grid_view": ["all"]},
 }
 
 
 def test_registry_has_every_router() -> None:
-    assert {"knn", "logreg", "mlp", "mf", "subject", "bert", "best-single", "random", "oracle", "ensemble"} <= set(router_names())
+    assert {"knn", "logreg", "mlp", "mf", "subject", "bert", "best-single", "random", "oracle", "ensemble", "partition"} <= set(router_names())
     for key, cls in REGISTRY.items():
         assert cls.__name__.endswith("Router") and cls.config_cls.__name__ == cls.__name__ + "Config"
 
@@ -114,3 +115,55 @@ def test_bert_router_learns(synth_table: RoutingTable, tmp_path: Path) -> None:
     size = sum(p.stat().st_size for p in (tmp_path / "b").iterdir())
     assert size < 20e6  # only the top layers and the head are stored
     np.testing.assert_allclose(Router.load(tmp_path / "b").predict(te.prompts), pred, atol=1e-5)
+
+
+def test_partition_selects_on_validation_only(synth_table: RoutingTable, tmp_path: Path) -> None:
+    """The grid search sees only the training table; its choice is recorded and reloaded."""
+    tr, te = synth_table.split(0.25, seed=0)
+    r = make_router("partition", encoder="tfidf", repeats=2, grid_clusters=[[2], [3]], grid_smoothing=[1.0, 50.0], grid_view=["all", "first"]).fit(tr)
+    val = r.meta["validation"]
+    assert val["queries"] < len(tr) and len(val["grid"]) == 2 * 2 * 2
+    assert [r.config.view, list(r.config.clusters), r.config.smoothing] == [val["grid"][0]["view"], val["grid"][0]["clusters"], val["grid"][0]["smoothing"]]
+    assert len(r.offsets) - 1 == 2 * len(r.config.clusters)  # repeats x chosen cluster counts
+    r.save(tmp_path / "p")
+    cfg = json.loads((tmp_path / "p" / "config.json").read_text())
+    assert cfg["hyperparameters"]["clusters"] == list(r.config.clusters)
+    back = Router.load(tmp_path / "p")
+    np.testing.assert_allclose(back.predict(te.prompts), r.predict(te.prompts), atol=1e-6)
+    fixed = make_router("partition", encoder="tfidf", select=False, clusters=[3], repeats=2).fit(tr)
+    assert "validation" not in fixed.meta and fixed.config.clusters == [3]
+
+
+def test_partition_is_an_average_of_cell_means(synth_table: RoutingTable) -> None:
+    """One partition with one cell and no smoothing predicts the training means."""
+    tr, te = synth_table.split(0.25, seed=0)
+    r = make_router("partition", encoder="tfidf", select=False, clusters=[1], repeats=1, smoothing=0.0).fit(tr)
+    np.testing.assert_allclose(r.predict(te.prompts[:3]), np.tile(tr.scores.mean(0), (3, 1)), atol=1e-9)
+
+
+def test_tfidf_direct_path_equals_sklearn(synth_table: RoutingTable) -> None:
+    """Single prompts skip sklearn's vectoriser; the vectors must be the same."""
+    from routers.encoders import TfidfEncoder
+
+    enc = TfidfEncoder(dim=16).fit(synth_table.prompts)
+    texts = synth_table.prompts[:20] + ["", "unseen words only", "Please ADD the sum, and the sum!"]
+    direct = np.stack([enc.encode([t])[0] for t in texts])
+    enc.direct_max = 0
+    np.testing.assert_allclose(direct, enc.encode(texts), atol=1e-5)
+
+
+def test_knn_similarities_same_with_and_without_torch(synth_table: RoutingTable) -> None:
+    import sys
+
+    import torch  # noqa: F401 - loaded, so the torch path is taken
+
+    from routers import learned
+
+    rng = np.random.default_rng(0)
+    x, t = rng.standard_normal((3, 8)).astype(np.float32), rng.standard_normal((50, 8)).astype(np.float32)
+    np.testing.assert_allclose(learned._similarities(x, t), x @ t.T, atol=1e-5)
+    saved = sys.modules.pop("torch")
+    try:
+        np.testing.assert_allclose(learned._similarities(x, t), x @ t.T, atol=1e-6)
+    finally:
+        sys.modules["torch"] = saved
