@@ -50,3 +50,17 @@ def test_cli_errors(tmp_path: Path, synth_path: Path) -> None:
     assert p.returncode == 1 and "unknown router 'svm'" in p.stderr
     p = subprocess.run(exe + ["route", "ask", "--router", str(tmp_path / "none"), "hi"], capture_output=True, text=True)
     assert p.returncode == 1 and "router directory not found" in p.stderr
+
+
+def test_train_partition_router(synth_path: Path, tmp_path: Path) -> None:
+    """The partition router trains from the CLI, records its validation choice, and evaluates."""
+    out = tmp_path / "part"
+    opts = ["-o", "encoder=tfidf", "-o", "repeats=2", "-o", "grid_clusters=[[2],[4]]", "-o", "grid_view=[\"all\"]"]
+    r = runner.invoke(app, ["route", "train", "--data", str(synth_path), "--router", "partition", "--out", str(out), "--test-size", "0.25", *opts])
+    assert r.exit_code == 0, r.output
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["type"] == "partition" and cfg["meta"]["validation"]["grid"]
+    r = runner.invoke(app, ["route", "eval", "--router", str(out), "--data", str(synth_path), "--json"])
+    assert r.exit_code == 0, r.output
+    d = json.loads(r.output)
+    assert d["queries"] == 40 and d["accuracy"] > d["best_single"]
