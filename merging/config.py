@@ -173,6 +173,10 @@ def plan_merge(
 
 
 def _validate_schema(plan: MergePlan, where: str) -> None:
+    from merging import lean
+
+    if lean.supports(plan):
+        return  # a plain models/base_model/scalars config: checked below, mergekit not needed
     from pydantic import ValidationError
 
     try:
@@ -264,6 +268,15 @@ def _tokenizer_vocab(model_dir: Path) -> dict[str, int] | None:
     return vocab
 
 
+def _same_file(a: Path, b: Path) -> bool:
+    """Both missing, or both present with the same bytes."""
+    import filecmp
+
+    if not a.exists() or not b.exists():
+        return a.exists() == b.exists()
+    return filecmp.cmp(a, b, shallow=False)
+
+
 def _validate_models(plan: MergePlan, where: str) -> None:
     refs = _input_models(plan)
     if not refs:
@@ -274,7 +287,8 @@ def _validate_models(plan: MergePlan, where: str) -> None:
     ref_dir = plan.inputs[first].path
     ref_cfg = read_config(ref_dir)
     ref_shapes = _shape_table(tensor_shapes(ref_dir), by_layer)
-    ref_vocab = None if has_tok_rule else _tokenizer_vocab(ref_dir)
+    check_vocab = not has_tok_rule
+    ref_vocab: dict[str, int] | None = None
     vocab_size = ref_cfg.get("vocab_size") or (ref_cfg.get("text_config") or {}).get("vocab_size")
     for ref in refs:
         if ref == first:
@@ -306,9 +320,13 @@ def _validate_models(plan: MergePlan, where: str) -> None:
             raise MergeError(
                 f"{where}: tensor '{name}' has shape {list(other)} in '{ref}' but {list(shape)} in '{first}'{hint}"
             )
-        if ref_vocab is not None:
+        if check_vocab and not _same_file(ref_dir / "tokenizer.json", d / "tokenizer.json"):
+            # Parse the vocabularies only when the tokenizer files differ (fine-tunes
+            # usually carry a byte-identical copy of their base's tokenizer).
+            if ref_vocab is None:
+                ref_vocab = _tokenizer_vocab(ref_dir)
             vocab = _tokenizer_vocab(d)
-            if vocab is not None and vocab != ref_vocab:
+            if vocab is not None and ref_vocab is not None and vocab != ref_vocab:
                 diff = sorted(set(vocab.items()) ^ set(ref_vocab.items()))[:3]
                 raise MergeError(
                     f"{where}: the tokenizers of '{ref}' and '{first}' differ ({len(vocab)} vs {len(ref_vocab)} tokens; "

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from merging.lean import LEAN_KERNELS
 from merging.methods import MethodInfo, Param, register
 
 REFERENCE_URL = "https://arxiv.org/abs/2306.01708"
@@ -37,49 +38,95 @@ def magnitude_mask(tensor: Any, density: float) -> Any:
     return (w >= threshold).reshape(tensor.shape)
 
 
+def ties_merge(
+    base: Any,
+    tensors: list[Any],
+    weights: list[float],
+    densities: list[float],
+    *,
+    normalize: bool = True,
+    lam: float = 1.0,
+    rescale: bool = False,
+    inplace: bool = False,
+) -> Any:
+    """TIES on one tensor: ``base`` plus the elected, disjointly averaged task
+    vectors ``tensors[i] - base``. mergekit's arithmetic, one model at a time
+    (no stacked (N, *shape) copies of deltas, signs and masks). A task vector that
+    is zero everywhere (a tensor a fine-tune left alone, e.g. the embeddings of a
+    LoRA) is skipped: it never agrees with the elected sign, so it changes
+    nothing. ``inplace`` lets the task vectors overwrite ``tensors``."""
+    import torch
+    from mergekit.sparsify import RescaleNorm, rescaled_masked_tensor
+
+    norm = RescaleNorm.l1 if rescale else None
+    deltas, ws = [], []
+    for t, weight, density in zip(tensors, weights, densities):
+        delta = t.sub_(base) if inplace else t - base
+        if not delta.any():
+            continue
+        keep = magnitude_mask(delta, density)
+        if keep is not None:
+            delta = rescaled_masked_tensor(delta, keep.to(delta.dtype), norm)
+        w = torch.tensor(weight, dtype=delta.dtype, device=delta.device)
+        deltas.append(delta.mul_(w))
+        ws.append(w)
+    if not deltas:
+        return base
+    total = deltas[0].clone()
+    for d in deltas[1:]:
+        total += d
+    majority_positive = total >= 0  # TIES sign election by mass
+    mixed, divisor = total.zero_(), torch.zeros_like(total)
+    for d, w in zip(deltas, ws):
+        agree = torch.where(majority_positive, d > 0, d < 0)
+        mixed += d * agree
+        divisor += w * agree
+    divisor[divisor == 0] = 1
+    if normalize:
+        mixed /= divisor
+    if lam != 1:
+        mixed *= lam
+    return (base + mixed).to(base.dtype)
+
+
+def _lean_kernel(base: Any, tensors: list[Any], params: list[dict[str, Any]]) -> Any:
+    p0 = params[0] if params else {}
+    return ties_merge(
+        base,
+        tensors,
+        [float(p["weight"]) for p in params],
+        [float(p["density"]) for p in params],
+        normalize=bool(p0.get("normalize", True)),
+        lam=float(p0.get("lambda", 1.0)),
+        rescale=bool(p0.get("rescale", False)),
+        inplace=True,
+    )
+
+
 def _factory() -> Any:
     from dataclasses import dataclass
 
     import torch
     from mergekit.merge_methods.generalized_task_arithmetic import ConsensusMethod, GeneralizedTaskArithmeticMerge
-    from mergekit.sparsify import RescaleNorm, SparsificationMethod, rescaled_masked_tensor
+    from mergekit.sparsify import SparsificationMethod
 
     @dataclass(frozen=True)
     class FastTiesMerge(GeneralizedTaskArithmeticMerge):
         """mergekit's generalized task arithmetic with TIES' magnitude pruning by threshold."""
 
         def merge_group(self, group: Any, /, **parameters: Any) -> torch.Tensor:
-            base = group.base.tensor
             entries = group.non_base
             if not entries:
-                return base
-            # Same arithmetic as mergekit's, one model at a time: no stacked (N, *shape)
-            # copies of deltas, signs and masks.
-            norm = RescaleNorm.l1 if parameters["rescale"] else None
-            deltas, weights = [], []
-            for entry in entries:
-                delta = entry.tensor - base
-                keep = magnitude_mask(delta, parameters["density"][entry.id])
-                if keep is not None:
-                    delta = rescaled_masked_tensor(delta, keep.to(delta.dtype), norm)
-                w = torch.tensor(parameters["weight"][entry.id], dtype=delta.dtype, device=delta.device)
-                deltas.append(delta.mul_(w))
-                weights.append(w)
-            total = deltas[0].clone()
-            for d in deltas[1:]:
-                total += d
-            majority_positive = total >= 0  # TIES sign election by mass
-            mixed, divisor = total.zero_(), torch.zeros_like(total)
-            for d, w in zip(deltas, weights):
-                agree = torch.where(majority_positive, d > 0, d < 0)
-                mixed += d * agree
-                divisor += w * agree
-            divisor[divisor == 0] = 1
-            if parameters["normalize"]:
-                mixed /= divisor
-            if parameters["lambda"] != 1:
-                mixed *= parameters["lambda"]
-            return (base + mixed).to(base.dtype)
+                return group.base.tensor
+            return ties_merge(
+                group.base.tensor,
+                [e.tensor for e in entries],
+                [parameters["weight"][e.id] for e in entries],
+                [parameters["density"][e.id] for e in entries],
+                normalize=parameters["normalize"],
+                lam=parameters["lambda"],
+                rescale=parameters["rescale"],
+            )
 
     return FastTiesMerge(
         consensus_method=ConsensusMethod.sum,
@@ -111,3 +158,5 @@ register(
         mergekit_factory=_factory,
     )
 )
+
+LEAN_KERNELS["ties_fast"] = _lean_kernel

@@ -96,7 +96,11 @@ def merge(
             from collab.io import atomic_directory
 
             with atomic_directory(out, overwrite=overwrite) as tmp:
-                if plan.method.engine == "mergekit":
+                from merging import lean
+
+                if lean.supports(plan):
+                    n = lean.run_lean(plan, tmp, progress=progress, shard_size=shard_size)
+                elif plan.method.engine == "mergekit":
                     n = _run_mergekit(plan, tmp, seed=seed, progress=progress, workdir=workdir, shard_size=shard_size)
                 else:
                     from merging.datamerge import run_collab_method
@@ -179,7 +183,9 @@ def _run_mergekit(plan: MergePlan, out: Path, *, seed: int | None, progress: Pro
         trust_remote_code=False,
     )
     config = plan.mergekit_config()
-    with _rich_executor(progress):
+    from merging.lean import explicit_reads
+
+    with _rich_executor(progress), explicit_reads():
         try:
             run_merge(copy.deepcopy(config), str(out), options=options)
         except (RuntimeError, ValueError, TypeError) as e:
