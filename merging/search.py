@@ -1,5 +1,7 @@
 """Coefficient search: tune the per-model ``weight`` of a merge against
-perplexity on the user's text, then merge with the best weights.
+perplexity on the user's text, or against accuracy on a collab benchmark
+(``search.benchmark``, e.g. ``skill:mixed-dev``, first ``search.limit``
+examples, scored by ``evals.evaluate``), then merge with the best weights.
 
 - ``grid``: every weight vector on a grid (the simplex when the method
   normalises weights, e.g. ``linear``; the cube [0, 1]^n otherwise).
@@ -32,7 +34,7 @@ from merging.config import MergePlan
 from merging.errors import MergeError
 
 SEARCH_METHODS = ("grid", "greedy", "cmaes")
-_FIELDS = {"method", "eval", "samples", "max_length", "step", "budget", "sigma"}
+_FIELDS = {"method", "eval", "samples", "max_length", "step", "budget", "sigma", "benchmark", "limit"}
 
 
 @dataclass
@@ -45,10 +47,11 @@ class SearchOutcome:
 
     def markdown(self) -> str:
         refs = list(self.best["weights"])
-        lines = ["| # | " + " | ".join(f"w[{r}]" for r in refs) + " | perplexity |", "|---" * (len(refs) + 2) + "|"]
+        key = "accuracy" if "accuracy" in self.best else "perplexity"
+        lines = ["| # | " + " | ".join(f"w[{r}]" for r in refs) + f" | {key} |", "|---" * (len(refs) + 2) + "|"]
         for row in self.table:
             mark = " **best**" if row is self.best else ""
-            lines.append(f"| {row['point']} | " + " | ".join(f"{row['weights'][r]:.3f}" for r in refs) + f" | {row['perplexity']:.4f}{mark} |")
+            lines.append(f"| {row['point']} | " + " | ".join(f"{row['weights'][r]:.3f}" for r in refs) + f" | {row[key]:.4f}{mark} |")
         return "\n".join(lines)
 
 
@@ -88,6 +91,12 @@ def check_search(plan: MergePlan) -> None:
         raise MergeError("search: needs 'models:' (slices are not searched)")
     if len(_searched_refs(plan)) < 2:
         raise MergeError("search: needs at least two models whose weights can vary")
+    if s.get("benchmark") is not None:
+        from evals.benchmarks import benchmark_names
+
+        if s["benchmark"] not in benchmark_names():
+            raise MergeError(f"search.benchmark: unknown benchmark {s['benchmark']!r}; expected one of {', '.join(benchmark_names())}")
+        return
     _eval_path(plan)
 
 
@@ -124,14 +133,16 @@ def run_search(plan: MergePlan, *, workdir: Path, quiet: bool, seed: int | None)
     from merging.datamerge import TensorReader
 
     s = plan.search or {}
-    texts = read_texts(_eval_path(plan), int(s.get("samples", 16)))
+    bench = s.get("benchmark")
+    texts = [] if bench else read_texts(_eval_path(plan), int(s.get("samples", 16)))
     refs = _searched_refs(plan)
     all_refs = [str(m["model"]) for m in plan.raw["models"]]
     ensure_mergekit_registered(plan.method)
     method = merge_methods.get(plan.method.name)
     shared, per = _scalar_params(plan, refs)
     state: dict[str, dict[str, Any]] = {}
-    for r in all_refs:
+    with_base = plan.base_ref is not None and plan.method.base in ("required", "optional") and plan.base_ref not in all_refs
+    for r in all_refs + ([plan.base_ref] if with_base else []):
         reader = TensorReader(plan.inputs[r].path)
         state[r] = {k: reader.get(k) for k in reader.locations}
     donor = plan.inputs[plan.base_ref or all_refs[0]].path
@@ -153,15 +164,23 @@ def run_search(plan: MergePlan, *, workdir: Path, quiet: bool, seed: int | None)
         with torch.no_grad():
             merged = merge_state_dicts(state, method, parameters=params, base=base, dtype=torch.float32)
             expert.model.load_state_dict(merged, strict=False)
-        nll = -sum(expert.loglikelihood_rolling(t) for t in texts)
-        ppl = math.exp(nll / max(1, n_tokens))
-        table.append({"point": len(table) + 1, "weights": {r: round(float(w), 6) for r, w in weights.items()}, "perplexity": ppl,
-                      "seconds": round(time.perf_counter() - t0, 3)})
+        row: dict[str, Any] = {"point": len(table) + 1, "weights": {r: round(float(w), 6) for r, w in weights.items()}}
+        if bench:
+            from evals import evaluate
+
+            acc = float(evaluate(expert, bench, limit=int(s.get("limit", 30)), progress=False).score)
+            row["accuracy"], loss, shown = acc, -acc, f"accuracy {acc:.4f}"
+        else:
+            nll = -sum(expert.loglikelihood_rolling(t) for t in texts)
+            ppl = math.exp(nll / max(1, n_tokens))
+            row["perplexity"], loss, shown = ppl, ppl, f"perplexity {ppl:.4f}"
+        row["seconds"] = round(time.perf_counter() - t0, 3)
+        table.append(row)
         if not quiet:
             import sys
 
-            sys.stderr.write(f"search point {len(table)}: weights {[round(float(w), 3) for w in ws]} perplexity {ppl:.4f}\n")
-        return ppl
+            sys.stderr.write(f"search point {len(table)}: weights {[round(float(w), 3) for w in ws]} {shown}\n")
+        return loss
 
     normalised = bool(shared.get("normalize", plan.method.param("normalize").default if plan.method.param("normalize") else False))
     kind = s["method"]
@@ -171,7 +190,7 @@ def run_search(plan: MergePlan, *, workdir: Path, quiet: bool, seed: int | None)
         _greedy(score, len(refs))
     else:
         _cmaes(score, len(refs), int(s.get("budget", 24)), float(s.get("sigma", 0.3)), seed)
-    best = min(table, key=lambda r: r["perplexity"])
+    best = min(table, key=lambda r: -r["accuracy"] if bench else r["perplexity"])
     return SearchOutcome(_with_weights(plan, best["weights"]), table, best)
 
 

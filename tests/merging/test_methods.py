@@ -200,3 +200,46 @@ def test_search_picks_the_lowest_perplexity_point(kind: str, merge_models: dict[
 
     ppl = math.exp(-sum(e.loglikelihood_rolling(t) for t in texts) / n)
     assert abs(ppl - best["perplexity"]) / ppl < 1e-3
+
+
+def test_search_scored_by_a_collab_benchmark(merge_models: dict[str, Path], tmp_path: Path) -> None:
+    m = merge_models
+    cfg = {
+        "models": [{"model": str(m["ft1"]), "parameters": {"weight": 0.5}}, {"model": str(m["ft2"]), "parameters": {"weight": 0.5}}],
+        "merge_method": "linear",
+        "dtype": "float32",
+        "search": {"method": "grid", "benchmark": "skill:mixed-dev", "limit": 2, "step": 0.5, "budget": 8},
+    }
+    res = merge(cfg, tmp_path / "out", seed=0, quiet=True)
+    table = res.search_table
+    assert table and len(table) == 3  # (0, 1), (0.5, 0.5), (1, 0) on the simplex
+    assert all(0.0 <= r["accuracy"] <= 1.0 and "perplexity" not in r for r in table)
+    best = max(table, key=lambda r: r["accuracy"])
+    assert json.loads((tmp_path / "out" / "merge_search.json").read_text())[table.index(best)]["accuracy"] == best["accuracy"]
+    assert "| accuracy |" in (tmp_path / "out" / "README.md").read_text()
+
+
+def test_search_benchmark_must_exist(merge_models: dict[str, Path], tmp_path: Path) -> None:
+    from merging.errors import MergeError
+
+    m = merge_models
+    cfg = {
+        "models": [{"model": str(m["ft1"]), "parameters": {"weight": 0.5}}, {"model": str(m["ft2"]), "parameters": {"weight": 0.5}}],
+        "merge_method": "linear",
+        "search": {"method": "grid", "benchmark": "no-such-bench"},
+    }
+    with pytest.raises(MergeError, match="search.benchmark"):
+        merge(cfg, tmp_path / "out", dry_run=True, quiet=True)
+
+
+def test_search_with_a_base_model_outside_models(merge_models: dict[str, Path], calibration: Path, tmp_path: Path) -> None:
+    m = merge_models
+    cfg = {
+        "models": [{"model": str(m["ft1"]), "parameters": {"weight": 0.5}}, {"model": str(m["ft2"]), "parameters": {"weight": 0.5}}],
+        "base_model": str(m["base"]),
+        "merge_method": "task_arithmetic",
+        "dtype": "float32",
+        "search": {"method": "greedy", "eval": str(calibration), "samples": 2},
+    }
+    res = merge(cfg, tmp_path / "out", seed=0, quiet=True)
+    assert res.search_table and len(res.search_table) >= 3
