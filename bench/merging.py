@@ -2,12 +2,19 @@
 
 1. Parity: for every mergekit method, `collab merge` vs mergekit's own CLI on
    tiny Llamas (max abs difference over all tensors).
-2. Cost: three SmolLM2-135M variants in fp32 (the zoo's de-quantised SmolLM2
-   plus seeded perturbations, stand-ins for fine-tunes until the zoo's domain
-   experts exist): wall time and peak RSS of `collab merge` vs `mergekit-yaml`,
-   each in its own subprocess, side by side in one run.
+2. Cost: SmolLM2-135M-Instruct (the zoo's de-quantised base) and the zoo's
+   three domain experts (smol-arith, smol-lists, smol-units: LoRA merged into
+   the base, written once as fp32 directories under $COLLAB_CACHE/merge-bench),
+   merged by `collab merge` and by `mergekit-yaml`, each in its own subprocess,
+   side by side in one run: wall time and peak RSS (child ru_maxrss).
+   `--repeats N` alternates which tool runs first and reports medians.
+3. Quality (`--quality`): merges of the three experts (linear, task
+   arithmetic, TIES, DARE, Fisher, RegMean and a CMA-ES search scored on
+   skill:mixed-dev) against each expert alone and the base, on the first
+   `--limit` test questions of skill:arith, skill:lists and skill:units, with
+   bootstrap 95% intervals.
 
-    .venv/bin/python bench/merging.py [--skip-parity] [--skip-cost]
+    .venv/bin/python bench/merging.py [--skip-parity] [--skip-cost] [--methods ...] [--repeats N] [--quality]
 """
 
 from __future__ import annotations
@@ -66,30 +73,48 @@ def parity(work: Path) -> list[tuple[str, float]]:
     return rows
 
 
-def real_inputs(root: Path) -> dict[str, Path]:
-    """SmolLM2-135M fp32 (de-quantised zoo model) and two seeded perturbations."""
-    from collab.experts import dequantised_dir, resolve_ref
-    from tests.merging.conftest import perturb
+EXPERTS = ("smol-arith", "smol-lists", "smol-units")
 
-    src = dequantised_dir(resolve_ref("zoo:smollm2-135m-instruct"))
-    out = {"base": src}
-    for i in (1, 2):
-        d = root / f"smol-ft{i}"
-        if not d.exists():
-            perturb(src, d, seed=200 + i, scale=0.02)
-        out[f"ft{i}"] = d
+
+def real_inputs() -> dict[str, Path]:
+    """SmolLM2-135M-Instruct fp32 (the zoo's de-quantised base) and the zoo's three
+    domain experts, each LoRA adapter merged into the base and written once as an
+    fp32 safetensors directory under ``$COLLAB_CACHE/merge-bench/`` (reused)."""
+    from collab.experts import dequantised_dir, resolve_ref
+    from collab.io import cache_root
+    from merging.inputs import InputResolver
+
+    cache = cache_root() / "merge-bench"
+    cache.mkdir(parents=True, exist_ok=True)
+    resolver = InputResolver(cache, search_dirs=[Path.cwd()])
+    out = {"base": dequantised_dir(resolve_ref("zoo:smollm2-135m-instruct"))}
+    for name in EXPERTS:
+        out[name] = resolver(f"zoo:{name}", "bench").path
     return out
 
 
-def cost(work: Path, only: list[str] | None = None) -> list[dict[str, object]]:
+def cost(work: Path, only: list[str] | None = None, repeats: int = 1) -> list[dict[str, object]]:
+    """Wall time and peak RSS of mergekit-yaml vs collab merge on the base and the
+    three zoo experts, each command in its own subprocess. With ``repeats`` > 1
+    the two commands alternate which runs first and the medians are reported."""
+    import statistics
+
     from tests.merging.conftest import load_weights
 
-    m = real_inputs(work)
-    ta_models = [{"model": str(m["base"])}] + [{"model": str(m[f"ft{i}"]), "parameters": {"weight": 0.5, "density": 0.5}} for i in (1, 2)]
+    work.mkdir(parents=True, exist_ok=True)
+    m = real_inputs()
+    base = str(m["base"])
+    experts = [str(m[e]) for e in EXPERTS]
     configs = {
-        "linear": ({"models": [{"model": str(m[k]), "parameters": {"weight": 1.0}} for k in ("base", "ft1", "ft2")], "merge_method": "linear"}, None),
-        "task_arithmetic": ({"models": ta_models, "base_model": str(m["base"]), "merge_method": "task_arithmetic"}, None),
-        "ties": ({"models": ta_models, "base_model": str(m["base"]), "merge_method": "ties"}, "ties_fast"),
+        "linear": ({"models": [{"model": e, "parameters": {"weight": 1.0}} for e in experts], "merge_method": "linear"}, None),
+        "task_arithmetic": (
+            {"models": [{"model": e, "parameters": {"weight": 1.0}} for e in experts], "base_model": base, "merge_method": "task_arithmetic"},
+            None,
+        ),
+        "ties": (
+            {"models": [{"model": e, "parameters": {"weight": 1.0, "density": 0.5}} for e in experts], "base_model": base, "merge_method": "ties"},
+            "ties_fast",
+        ),
     }
     rows = []
     for name, (cfg, ours) in configs.items():
@@ -99,16 +124,109 @@ def cost(work: Path, only: list[str] | None = None) -> list[dict[str, object]]:
         mk_cfg, co_cfg = work / f"{name}-mk.yaml", work / f"{name}-co.yaml"
         mk_cfg.write_text(yaml.safe_dump(cfg, sort_keys=False))
         co_cfg.write_text(yaml.safe_dump({**cfg, "merge_method": ours or cfg["merge_method"]}, sort_keys=False))
-        for d in (work / f"{name}-mk", work / f"{name}-co"):
-            subprocess.run(["rm", "-rf", str(d)], check=True)
-        t_mk, rss_mk = measure([str(VENV_BIN / "mergekit-yaml"), str(mk_cfg), str(work / f"{name}-mk"), "--no-write-model-card", "--quiet"])
-        t_co, rss_co = measure([str(VENV_BIN / "collab"), "merge", str(co_cfg), str(work / f"{name}-co"), "--quiet"])
+        mk_cmd = [str(VENV_BIN / "mergekit-yaml"), str(mk_cfg), str(work / f"{name}-mk"), "--no-write-model-card", "--quiet"]
+        co_cmd = [str(VENV_BIN / "collab"), "merge", str(co_cfg), str(work / f"{name}-co"), "--quiet"]
+        runs: dict[str, list[tuple[float, float]]] = {"mk": [], "co": []}
+        for rep in range(repeats):
+            order = [("mk", mk_cmd), ("co", co_cmd)] if rep % 2 == 0 else [("co", co_cmd), ("mk", mk_cmd)]
+            for tag, cmd in order:
+                subprocess.run(["rm", "-rf", str(work / f"{name}-{tag}")], check=True)
+                runs[tag].append(measure(cmd))
+        t_mk = statistics.median(t for t, _ in runs["mk"])
+        t_co = statistics.median(t for t, _ in runs["co"])
+        ratios = [c[0] / k[0] for k, c in zip(runs["mk"], runs["co"])]
         a, b = load_weights(work / f"{name}-mk"), load_weights(work / f"{name}-co")
         diff = max(float((a[k] - b[k]).abs().max()) for k in a)
         differing = sum(int((a[k] != b[k]).sum()) for k in a) / sum(a[k].numel() for k in a)
-        rows.append({"method": name, "collab_method": ours or name, "mergekit_s": t_mk, "collab_s": t_co, "time_ratio": t_co / t_mk,
-                     "mergekit_rss_mib": rss_mk, "collab_rss_mib": rss_co, "max_abs_diff": diff, "frac_entries_differing": differing})
+        rows.append({"method": name, "collab_method": ours or name, "repeats": repeats,
+                     "mergekit_s": t_mk, "collab_s": t_co, "time_ratio": t_co / t_mk, "pair_ratios": ratios,
+                     "mergekit_s_all": [t for t, _ in runs["mk"]], "collab_s_all": [t for t, _ in runs["co"]],
+                     "mergekit_rss_mib": max(r for _, r in runs["mk"]), "collab_rss_mib": max(r for _, r in runs["co"]),
+                     "max_abs_diff": diff, "frac_entries_differing": differing,
+                     "loadavg": os.getloadavg()})
         print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
+SKILLS = ("skill:arith", "skill:lists", "skill:units")
+
+
+def _calibration_file(path: Path, base: Path, n: int) -> Path:
+    """Chat-formatted question + answer texts of the first ``n`` examples of
+    ``skill:mixed-dev`` (the dev split: never the test questions)."""
+    from transformers import AutoTokenizer
+
+    from evals.benchmarks import get_benchmark
+
+    tok = AutoTokenizer.from_pretrained(str(base))
+    bench = get_benchmark("skill:mixed-dev")
+    with path.open("w") as f:
+        for ex in bench.examples(n):
+            msgs = bench.messages(ex) + [{"role": "assistant", "content": ex.gold}]
+            f.write(json.dumps({"text": tok.apply_chat_template(msgs, tokenize=False)}) + "\n")
+    return path
+
+
+def quality_configs(m: dict[str, Path], calib: Path, search_limit: int, search_budget: int) -> dict[str, dict[str, object]]:
+    base = str(m["base"])
+    experts = [str(m[e]) for e in EXPERTS]
+
+    def models(**params: object) -> list[dict[str, object]]:
+        return [{"model": e, "parameters": dict(params)} for e in experts]
+
+    calib_params = {"calibration": str(calib), "calibration_samples": 32, "max_length": 128}
+    return {
+        "linear": {"models": models(weight=1.0), "merge_method": "linear"},
+        "task_arithmetic": {"models": models(weight=1.0), "base_model": base, "merge_method": "task_arithmetic"},
+        "ties": {"models": models(weight=1.0, density=0.5), "base_model": base, "merge_method": "ties_fast"},
+        "dare_ties": {"models": models(weight=1.0, density=0.5), "base_model": base, "merge_method": "dare_ties"},
+        "fisher": {"models": models(weight=1.0), "merge_method": "fisher", "parameters": calib_params},
+        "regmean": {"models": models(weight=1.0), "merge_method": "regmean", "parameters": calib_params},
+        "searched (task_arithmetic, cmaes)": {
+            "models": models(weight=1.0), "base_model": base, "merge_method": "task_arithmetic",
+            "search": {"method": "cmaes", "benchmark": "skill:mixed-dev", "limit": search_limit, "budget": search_budget, "sigma": 0.4},
+        },
+    }
+
+
+def quality(work: Path, limit: int, search_limit: int, search_budget: int) -> list[dict[str, object]]:
+    """Per-skill accuracy (bootstrap 95% intervals) of the base, each zoo expert
+    alone and each merge of the three experts, on the first ``limit`` test
+    questions of each skill benchmark."""
+    from collab.experts import Expert
+    from evals import evaluate
+    from merging import merge
+
+    work.mkdir(parents=True, exist_ok=True)
+    m = real_inputs()
+    calib = _calibration_file(work / "calibration.jsonl", m["base"], 64)
+    rows = []
+
+    def score(name: str, path: Path, note: object = None) -> None:
+        slug = name.split()[1] if name.startswith("expert") else name.split()[0]
+        expert = Expert.load(path, name=slug)
+        row: dict[str, object] = {"system": name}
+        for bench in SKILLS:
+            r = evaluate(expert, bench, limit=limit, progress=False, out_dir=str(work / "runs" / bench.replace(":", "-") / slug))
+            row[bench] = {"score": r.score, "ci": [r.ci_low, r.ci_high], "n": r.n}
+        row["average"] = sum(row[b]["score"] for b in SKILLS) / len(SKILLS)  # type: ignore[index]
+        if note is not None:
+            row["notes"] = note
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+
+    # Each merge is scored as soon as it exists (a run cut short keeps what it scored).
+    for name, cfg in quality_configs(m, calib, search_limit, search_budget).items():
+        out = work / ("merge-" + name.split()[0])
+        note = None
+        if not (out / "config.json").exists():
+            t = time.perf_counter()
+            res = merge({**cfg, "dtype": "float32"}, out, seed=0, quiet=True, overwrite=True)
+            note = {"merge_seconds": round(time.perf_counter() - t, 1), "search_table": res.search_table}
+        score(name, out, note)
+    for e in EXPERTS:
+        score(f"expert {e}", m[e])
+    score("base (SmolLM2-135M-Instruct)", m["base"])
     return rows
 
 
@@ -117,6 +235,11 @@ def main() -> None:
     ap.add_argument("--skip-parity", action="store_true")
     ap.add_argument("--skip-cost", action="store_true")
     ap.add_argument("--methods", default="", help="comma-separated subset of linear,task_arithmetic,ties for the cost part")
+    ap.add_argument("--repeats", type=int, default=1, help="runs per tool for the cost part (alternating order; medians)")
+    ap.add_argument("--quality", action="store_true", help="run the quality part (merges of the zoo experts, skill benchmarks)")
+    ap.add_argument("--limit", type=int, default=50, help="test questions per skill for --quality")
+    ap.add_argument("--search-limit", type=int, default=30, help="skill:mixed-dev questions per search point")
+    ap.add_argument("--search-budget", type=int, default=14, help="CMA-ES evaluations of the searched merge")
     ap.add_argument("--work", type=Path, default=None, help="keep inputs/outputs here (default: a temp dir)")
     args = ap.parse_args()
     work = args.work or Path(tempfile.mkdtemp(prefix="bench-merging-"))
@@ -129,13 +252,22 @@ def main() -> None:
         for method, d in rows:
             print(f"| {method} | {d:.2e} | {'yes' if d <= 1e-6 else 'NO'} |")
     if not args.skip_cost:
-        rows = cost(work / "cost", [m for m in args.methods.split(",") if m])
-        print("\n## Cost: three SmolLM2-135M fp32 inputs (base + 2 seeded perturbations)\n")
+        rows = cost(work / "cost", [m for m in args.methods.split(",") if m], args.repeats)
+        print(f"\n## Cost: SmolLM2-135M base + the zoo's three experts, fp32 (median of {args.repeats}; load {os.getloadavg()[0]:.1f})\n")
         print("| method (collab's) | mergekit-yaml s | collab merge s | time ratio | mergekit peak RSS MiB | collab peak RSS MiB | max abs diff | entries differing |")
         print("|---|---|---|---|---|---|---|---|")
         for r in rows:
             print(f"| {r['method']} ({r['collab_method']}) | {r['mergekit_s']:.1f} | {r['collab_s']:.1f} | {r['time_ratio']:.2f} | "
                   f"{r['mergekit_rss_mib']:.0f} | {r['collab_rss_mib']:.0f} | {r['max_abs_diff']:.2e} | {r['frac_entries_differing']:.2e} |")
+
+
+    if args.quality:
+        rows = quality(work / "quality", args.limit, args.search_limit, args.search_budget)
+        print(f"\n## Quality: first {args.limit} test questions per skill, accuracy [bootstrap 95% interval] (load {os.getloadavg()[0]:.1f})\n")
+        print("| system | " + " | ".join(SKILLS) + " | average |\n|---" * 1 + "|---" * (len(SKILLS) + 1) + "|")
+        for r in rows:
+            cells = " | ".join(f"{r[b]['score']:.2f} [{r[b]['ci'][0]:.2f}, {r[b]['ci'][1]:.2f}]" for b in SKILLS)
+            print(f"| {r['system']} | {cells} | {r['average']:.3f} |")
 
 
 if __name__ == "__main__":
