@@ -88,9 +88,9 @@ def quality_core(seeds: int) -> dict:
     return {"rows": [_gap_row(n, evs) | {"seeds": len(evs)} for n, evs in per.items()]}
 
 
-def quality(seeds: int, bert: bool) -> dict:
+def quality(seeds: int, bert: bool, only: list[str] | None = None) -> dict:
     table = from_llmrouter()
-    routers = dict(ROUTERS)
+    routers = {k: v for k, v in ROUTERS.items() if not only or k in only}
     if bert:
         routers["bert (MiniLM fine-tuned)"] = ("bert", {})
     per: dict[str, list[dict]] = {k: [] for k in routers}
@@ -104,8 +104,10 @@ def quality(seeds: int, bert: bool) -> dict:
             r = make_router(key, seed=seed, **opts).fit(tr)
             ev = evaluate(te, r.predict(te.prompts), n_boot=1000, seed=seed).data
             times[name] += time.perf_counter() - t0
+            if key == "partition":
+                ev["chosen"] = {"view": r.config.view, "clusters": list(r.config.clusters), "smoothing": r.config.smoothing}
             per[name].append(ev)
-            print(f"seed {seed} {name:28s} acc {ev['accuracy']:.4f} best {ev['best_single']:.4f} gap {ev['gap_closed']:+.3f}", file=sys.stderr, flush=True)
+            print(f"seed {seed} {name:28s} acc {ev['accuracy']:.4f} best {ev['best_single']:.4f} gap {ev['gap_closed']:+.3f} delta_low {ev['delta_low']:+.4f} {ev.get('chosen', '')}", file=sys.stderr, flush=True)
     rows = [_gap_row(n, evs) | {"fit_predict_s": times[n] / max(1, len(evs)), "seeds": len(evs)} for n, evs in per.items() if evs]
     # Pooled paired bootstrap over all seeds' test predictions is what 'delta_low_pooled' reports.
     return {"rows": rows, "table": table.summary()}
@@ -139,12 +141,12 @@ def loto(seed: int = 0, routers: tuple[str, ...] = ("ensemble", "partition")) ->
     return out
 
 
-def routellm(seeds: int) -> list[dict]:
+def routellm(seeds: int, keys: tuple[str, ...] = ("knn", "logreg", "mf", "partition", "random")) -> list[dict]:
     out = []
     for name, loader, encoders in [("gsm8k", from_routellm_gsm8k, ["minilm", "tfidf"]), ("mmlu", from_routellm_mmlu, ["tfidf"])]:
         table = loader()
         for enc in encoders:
-            for key in ["knn", "logreg", "mf", "partition", "random"]:
+            for key in keys:
                 evs = []
                 for seed in range(seeds):
                     tr, te = table.split(0.2, seed)
@@ -233,6 +235,9 @@ def main() -> None:
     ap.add_argument("--skip-routellm", action="store_true")
     ap.add_argument("--skip-latency", action="store_true")
     ap.add_argument("--bert", action="store_true", help="also fine-tune the bert router (seed 0 only; slow on CPU)")
+    ap.add_argument("--loto-routers", default="ensemble,partition")
+    ap.add_argument("--routellm-routers", default="knn,logreg,mf,partition,random")
+    ap.add_argument("--only", default="", help="comma-separated router names of the quality table (e.g. 'best-single,partition')")
     ap.add_argument("--out", default="runs/bench-routers.json")
     a = ap.parse_args()
     out: dict = {}
@@ -241,11 +246,11 @@ def main() -> None:
     if a.core:
         out["quality_core"] = quality_core(a.seeds)
     elif not a.skip_quality:
-        out["quality"] = quality(a.seeds, a.bert)
+        out["quality"] = quality(a.seeds, a.bert, [x for x in a.only.split(",") if x])
     if not a.skip_loto:
-        out["loto"] = loto()
+        out["loto"] = loto(routers=tuple(a.loto_routers.split(",")))
     if not a.skip_routellm:
-        out["routellm"] = routellm(a.seeds)
+        out["routellm"] = routellm(a.seeds, tuple(a.routellm_routers.split(",")))
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     prev = json.loads(Path(a.out).read_text()) if Path(a.out).is_file() else {}
     prev.update(out)
