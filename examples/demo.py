@@ -3,8 +3,8 @@
 Loads SmolLM2-135M-Instruct, Gemma-3-270M and the three domain experts that
 `collab zoo build` fine-tuned from SmolLM2 (arithmetic, lists, unit conversion),
 asks each the same questions, then asks the routed system (`type: route` in
-examples/zoo.yaml: a kNN router over MiniLM embeddings that picks among SmolLM2
-and its three domain experts, trained on routing data that collab's evaluation
+examples/zoo.yaml: a kNN router over MiniLM embeddings that picks among all
+five experts, trained on routing data that collab's evaluation
 collected on the dev questions), and prints who answered what.
 """
 
