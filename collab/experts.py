@@ -9,6 +9,7 @@ the KV cache (``Expert.forward``).
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import threading
@@ -203,6 +204,7 @@ class Expert(BaseSystem):
         self.ref = ref
         self.batch_size = batch_size
         self.share_context = True
+        self._slices_logits: bool | None = None  # whether forward takes logits_to_keep (found on first use)
         if tokenizer.pad_token_id is None:
             tokenizer.pad_token = tokenizer.eos_token
         tokenizer.padding_side = "left"
@@ -608,6 +610,8 @@ class Expert(BaseSystem):
         dev = self.device
         args = {"input_ids": ids.to(dev), "attention_mask": mask.to(dev), "position_ids": pos.to(dev), "use_cache": False}
         n_keep = int(keep.sum())
+        if self._slices_logits is None:
+            self._slices_logits = "logits_to_keep" in inspect.signature(self.model.forward).parameters
         with self._lock, torch.inference_mode():
             if self._slices_logits:
                 try:
@@ -620,18 +624,6 @@ class Expert(BaseSystem):
                     return logits[keep.to(dev)]
                 self._slices_logits = False
             return self.model(**args).logits[keep.to(dev)]
-
-    @property
-    def _slices_logits(self) -> bool:
-        if not hasattr(self, "_slices_logits_flag"):
-            import inspect
-
-            self._slices_logits_flag = "logits_to_keep" in inspect.signature(self.model.forward).parameters
-        return self._slices_logits_flag
-
-    @_slices_logits.setter
-    def _slices_logits(self, value: bool) -> None:
-        self._slices_logits_flag = value
 
     def loglikelihood_rolling(self, text: str) -> float:
         """log P(text) under the model, in windows of the context length (for perplexity)."""
@@ -685,8 +677,6 @@ class Expert(BaseSystem):
 
     @property
     def _cache_arg(self) -> str:
-        import inspect
-
         params = inspect.signature(self.model.forward).parameters
         return "cache" if "cache" in params else "past_key_values"
 
