@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from merging.lean import LEAN_KERNELS
+from merging.lean import LEAN_KERNELS, LeanKernel
 from merging.methods import MethodInfo, Param, register
 
 REFERENCE_URL = "https://arxiv.org/abs/2306.01708"
@@ -159,4 +159,4 @@ register(
     )
 )
 
-LEAN_KERNELS["ties_fast"] = _lean_kernel
+LEAN_KERNELS["ties_fast"] = LeanKernel(_lean_kernel, uses_base=True)

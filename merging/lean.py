@@ -8,11 +8,13 @@ fresh memory that is freed when the tensor is, and the output is written
 tensor by tensor at offsets computed up front from the inputs' headers, so
 neither the inputs nor the output shard are ever held whole.
 
-``run_lean`` merges the simple configs of collab's own mergekit-engine
-methods (``ties_fast``: ``models:`` + ``base_model`` + scalar parameters)
-without mergekit's planner and executor (and without importing mergekit or
-transformers); anything else (slices, gradients, filters, tokenizer rules)
-goes through mergekit's ``run_merge``. ``explicit_reads`` gives mergekit's
+``run_lean`` merges the simple configs (``models:`` with scalar parameters,
+plus a ``base_model`` for task-vector methods) of mergekit's ``linear`` and
+``task_arithmetic`` and of collab's ``ties_fast`` without mergekit's planner
+and executor (and without importing mergekit or transformers); the kernels
+repeat mergekit's arithmetic operation for operation, so the output is the
+same bit for bit. Anything else (slices, gradients, filters, tokenizer rules,
+other methods) goes through mergekit's ``run_merge``. ``explicit_reads`` gives mergekit's
 own loader the same explicit reader.
 """
 
@@ -22,6 +24,7 @@ import contextlib
 import json
 import os
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -256,15 +259,19 @@ def _scalar(v: Any) -> bool:
 
 
 def supports(plan: Any) -> bool:
-    """Whether ``plan`` can run on the lean loop: a collab method with a lean
-    kernel, ``models:`` with a ``base_model`` given by path, scalar parameters
-    only, and no tokenizer rule beyond the base's tokenizer."""
+    """Whether ``plan`` can run on the lean loop: a method with a lean kernel,
+    ``models:`` given by path (with a ``base_model`` for a task-vector method,
+    without one for ``linear``), scalar parameters only, and no tokenizer rule
+    beyond the first model's (or the base's) tokenizer."""
     raw = plan.raw
-    if plan.method.name not in LEAN_KERNELS or plan.method.engine != "mergekit":
+    lean = LEAN_KERNELS.get(plan.method.name)
+    if lean is None or plan.method.engine != "mergekit":
         return False
     if not set(raw) <= _LEAN_KEYS or raw.get("tokenizer_source") not in (None, "base"):
         return False
-    if not isinstance(raw.get("base_model"), str) or not isinstance(raw.get("models"), list) or not raw["models"]:
+    if not isinstance(raw.get("models"), list) or not raw["models"]:
+        return False
+    if isinstance(raw.get("base_model"), str) != lean.uses_base or (not lean.uses_base and raw.get("base_model") is not None):
         return False
     if raw.get("dtype") not in (None, "float32", "bfloat16", "float16") or raw.get("out_dtype") not in (None, "float32", "bfloat16", "float16"):
         return False
@@ -287,8 +294,8 @@ def run_lean(plan: Any, out: Path, *, progress: Any, shard_size: int) -> int:
     from merging.datamerge import _copy_tokenizer, _write_config
 
     raw = plan.raw
-    kernel = LEAN_KERNELS[plan.method.name]
-    base_ref = raw["base_model"]
+    lean = LEAN_KERNELS[plan.method.name]
+    base_ref = raw.get("base_model") if lean.uses_base else None
     shared = {p.name: p.default for p in plan.method.params if not p.required}
     shared.update(raw.get("parameters") or {})
     entries = []
@@ -300,10 +307,11 @@ def run_lean(plan: Any, out: Path, *, progress: Any, shard_size: int) -> int:
             if p.per_model and p.name not in params:
                 raise MergeError(f"models[{i}] ({m['model']}): parameter {p.name!r} is required by method '{plan.method.name}' and not set")
         entries.append((plan.inputs[m["model"]].path, params))
-    base_dir = plan.inputs[base_ref].path
-    base = ModelReader(base_dir)
     readers = [ModelReader(d) for d, _ in entries]
     params = [p for _, p in entries]
+    # The model that gives names, shapes, config and tokenizer: the base, or the first model (as mergekit does).
+    base_dir = plan.inputs[base_ref].path if base_ref is not None else entries[0][0]
+    base = ModelReader(base_dir) if base_ref is not None else readers[0]
     compute = getattr(torch, raw["dtype"]) if raw.get("dtype") else None
     out_name = raw.get("out_dtype") or raw.get("dtype")
     names = base.names()
@@ -321,9 +329,11 @@ def run_lean(plan: Any, out: Path, *, progress: Any, shard_size: int) -> int:
         def cast(t: Any) -> Any:
             return t.to(compute) if compute is not None and t.is_floating_point() else t
 
-        return cast(base.get(name)), [cast(r.get(name)) for r in readers]
+        ts = [cast(r.get(name)) for r in readers]
+        return (cast(base.get(name)) if base_ref is not None else None), ts
 
-    group_bytes = {n: base.nbytes(n) + sum(r.nbytes(n) for r in readers) for n in names}
+    own = [base] if base_ref is not None else []
+    group_bytes = {n: sum(r.nbytes(n) for r in own + readers) for n in names}
     prefetch_limit = 256 * 2**20  # bytes of inputs read ahead
     pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="collab-merge-io")
     try:
@@ -336,8 +346,9 @@ def run_lean(plan: Any, out: Path, *, progress: Any, shard_size: int) -> int:
             if i + 1 < len(names):
                 if group_bytes[names[i + 1]] <= prefetch_limit:
                     nxt = pool.submit(load, names[i + 1])
-            merged = kernel(b, ts, params) if b.is_floating_point() else b
-            del b, ts
+            first = b if b is not None else ts[0]
+            merged = lean.kernel(b, ts, params) if first.is_floating_point() else first
+            del b, ts, first
             if pending_write is not None:
                 pending_write.result()
             pending_write = pool.submit(writer.write, name, merged)
@@ -353,8 +364,7 @@ def run_lean(plan: Any, out: Path, *, progress: Any, shard_size: int) -> int:
         raise
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
-        base.close()
-        for r in readers:
+        for r in own + readers:
             r.close()
     _write_config(plan, base_dir, out, out_name or _config_dtype(base_dir))
     _copy_tokenizer(plan, base_dir, out)
@@ -374,5 +384,66 @@ def _config_dtype(model_dir: Path) -> str:
     return str(cfg.get("dtype") or cfg.get("torch_dtype") or "float32")
 
 
-#: method name -> kernel(base, [tensor per model], [parameters per model]) -> merged.
-LEAN_KERNELS: dict[str, Callable[[Any, list[Any], list[dict[str, Any]]], Any]] = {}
+@dataclass(frozen=True)
+class LeanKernel:
+    """``kernel(base, [tensor per model], [parameters per model]) -> merged``; the
+    tensors are fresh copies the kernel may overwrite. ``base`` is None for a
+    method without a base model (``uses_base`` false)."""
+
+    kernel: Callable[[Any, list[Any], list[dict[str, Any]]], Any]
+    uses_base: bool
+
+
+def _linear(base: Any, tensors: list[Any], params: list[dict[str, Any]]) -> Any:
+    """mergekit's ``linear`` (``merge_methods/linear.py``), same operations in the
+    same order: a float32 (float64 for float64 inputs) weighted sum, divided by
+    the sum of the weights when ``normalize``."""
+    import torch
+
+    first = tensors[0]
+    dtype = torch.float64 if first.dtype == torch.float64 else torch.float32
+    weight = torch.tensor([[float(p["weight"]) for p in params]], dtype=dtype)
+    result = torch.zeros_like(first, dtype=dtype)
+    for tensor, coefficient in zip(tensors, weight.unbind(1)):
+        result.addcmul_(tensor, coefficient.reshape((1,) * tensor.ndim))
+    if bool(params[0].get("normalize", True)):
+        result.div_(weight.sum(dim=1).reshape((1,) * first.ndim))
+    return result.to(first.dtype)
+
+
+def _task_arithmetic(base: Any, tensors: list[Any], params: list[dict[str, Any]]) -> Any:
+    """mergekit's ``task_arithmetic`` (generalized task arithmetic without
+    sparsification or sign consensus): the weighted task vectors summed over the
+    models, as ``stack(...).sum(dim=0)`` does, without the stacked copy."""
+    import torch
+
+    if not tensors:
+        return base
+    weights = torch.tensor([float(p["weight"]) for p in params], dtype=base.dtype)
+    deltas = [t.sub_(base).mul_(w) for t, w in zip(tensors, weights.unbind(0))]
+    if len(deltas) <= 4:
+        # torch's sum over dim 0 adds up to four rows in order (it keeps four
+        # accumulators); beyond that only the stacked sum gives its rounding.
+        mixed = torch.zeros_like(base)
+        for d in deltas:
+            mixed += d
+    else:
+        mixed = torch.stack(deltas).sum(dim=0)
+    del deltas
+    p0 = params[0]
+    if bool(p0.get("normalize", False)):
+        divisor = weights.sum(dim=0)
+        if divisor.abs() < 1e-8:
+            divisor = torch.ones_like(divisor)
+        mixed /= divisor
+    lam = p0.get("lambda", 1.0)
+    if lam != 1:
+        mixed *= lam
+    return (base + mixed).to(base.dtype)
+
+
+#: method name -> its lean kernel (``ties_fast`` registers itself in merging.fast_ties).
+LEAN_KERNELS: dict[str, LeanKernel] = {
+    "linear": LeanKernel(_linear, uses_base=False),
+    "task_arithmetic": LeanKernel(_task_arithmetic, uses_base=True),
+}
