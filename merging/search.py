@@ -11,6 +11,14 @@ examples, scored by ``evals.evaluate``), then merge with the best weights.
 - ``cmaes``: CMA-ES (Hansen 2016, https://arxiv.org/abs/1604.00772) over the
   weights, ``budget`` evaluations.
 
+With ``search.layers: G`` (cmaes only) each model gets one weight per block
+of consecutive decoder layers (G blocks of near-equal size, as in per-layer
+evolutionary merging): n x G weights are searched. Tensors outside the
+decoder layers (embeddings, final norm, output head) take the mean of the
+model's block weights. The merge written uses mergekit's filter syntax
+(``weight: [{filter: ".layers.0.", value: ...}, ..., {value: mean}]``), so the
+tensor-to-weight rule of the search and of the final merge is the same.
+
 Every candidate is merged in memory with mergekit's ``merge_state_dicts`` (so
 any method with a per-model ``weight`` works, e.g. linear, task_arithmetic,
 ties, dare_*), loaded into one model and scored with
@@ -23,6 +31,7 @@ from __future__ import annotations
 import copy
 import itertools
 import math
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,7 +43,8 @@ from merging.config import MergePlan
 from merging.errors import MergeError
 
 SEARCH_METHODS = ("grid", "greedy", "cmaes")
-_FIELDS = {"method", "eval", "samples", "max_length", "step", "budget", "sigma", "benchmark", "limit"}
+_FIELDS = {"method", "eval", "samples", "max_length", "step", "budget", "sigma", "benchmark", "limit", "layers"}
+_LAYER = re.compile(r"\.layers\.(\d+)\.")
 
 
 @dataclass
@@ -91,6 +101,19 @@ def check_search(plan: MergePlan) -> None:
         raise MergeError("search: needs 'models:' (slices are not searched)")
     if len(_searched_refs(plan)) < 2:
         raise MergeError("search: needs at least two models whose weights can vary")
+    layers = s.get("layers")
+    if layers is not None:
+        if isinstance(layers, bool) or not isinstance(layers, int) or layers < 1:
+            raise MergeError(f"search.layers: expected a positive whole number of layer blocks, found {layers!r}")
+        if layers > 1 and s["method"] != "cmaes":
+            raise MergeError(f"search.layers: per-layer weights are searched with method 'cmaes' only, not {s['method']!r}")
+    if s["method"] == "cmaes":
+        n = len(_searched_refs(plan)) * int(layers or 1)
+        budget = int(s.get("budget", 24))
+        if budget < _cmaes_population(n):
+            raise MergeError(
+                f"search.budget: CMA-ES over {n} weights evaluates {_cmaes_population(n)} points per generation; budget {budget} is less than one generation"
+            )
     if s.get("benchmark") is not None:
         from evals.benchmarks import benchmark_names
 
@@ -119,6 +142,49 @@ def _scalar_params(plan: MergePlan, refs: list[str]) -> tuple[dict[str, Any], di
             del shared[k]
     shared.pop("weight", None)
     return shared, per
+
+
+@dataclass(frozen=True)
+class LayerBlocks:
+    """Decoder layers 0..n_layers-1 cut into ``len(bounds)`` blocks of
+    consecutive layers; ``bounds[b]`` is block b's (first, last) layer."""
+
+    n_layers: int
+    bounds: tuple[tuple[int, int], ...]
+
+    @classmethod
+    def split(cls, n_layers: int, blocks: int) -> "LayerBlocks":
+        if blocks > n_layers:
+            raise MergeError(f"search.layers: {blocks} blocks asked for, but the models have {n_layers} decoder layers")
+        edges = [round(b * n_layers / blocks) for b in range(blocks + 1)]
+        return cls(n_layers, tuple((edges[b], edges[b + 1] - 1) for b in range(blocks)))
+
+    def block_of(self, tensor_name: str) -> int | None:
+        """The block of a decoder-layer tensor, None for any other tensor."""
+        m = _LAYER.search(tensor_name)
+        if m is None:
+            return None
+        layer = int(m.group(1))
+        return next(b for b, (lo, hi) in enumerate(self.bounds) if lo <= layer <= hi)
+
+    def label(self, ref: str, b: int) -> str:
+        lo, hi = self.bounds[b]
+        return f"{ref} layers {lo}-{hi}"
+
+    def setting(self, values: list[float]) -> list[dict[str, Any]]:
+        """mergekit's filter list giving layer i its block's value and every other
+        tensor the mean of the blocks' values."""
+        out: list[dict[str, Any]] = [
+            {"filter": f".layers.{i}.", "value": values[b]} for b, (lo, hi) in enumerate(self.bounds) for i in range(lo, hi + 1)
+        ]
+        return out + [{"value": sum(values) / len(values)}]
+
+
+def _layer_count(names: Any) -> int:
+    found = {int(m.group(1)) for n in names if (m := _LAYER.search(n))}
+    if not found:
+        raise MergeError("search.layers: no decoder-layer tensors ('<prefix>.layers.<i>.<name>') found in the models")
+    return max(found) + 1
 
 
 def run_search(plan: MergePlan, *, workdir: Path, quiet: bool, seed: int | None) -> SearchOutcome:
@@ -152,18 +218,38 @@ def run_search(plan: MergePlan, *, workdir: Path, quiet: bool, seed: int | None)
     table: list[dict[str, Any]] = []
     if seed is not None:
         torch.manual_seed(seed)
+    n_blocks = int(s.get("layers") or 1)
+    blocks = LayerBlocks.split(_layer_count(state[all_refs[0]]), n_blocks) if n_blocks > 1 else None
+    # Tensor names per group of equal weights: each layer block, then (key None) everything else.
+    groups: dict[int | None, list[str]] = {}
+    for name in state[all_refs[0]]:
+        groups.setdefault(blocks.block_of(name) if blocks else None, []).append(name)
 
-    def score(ws: list[float]) -> float:
-        t0 = time.perf_counter()
-        weights = dict(zip(refs, ws))
+    def merge_with(weights: dict[str, float]) -> dict[str, Any]:
         params = dict(shared, weight={r: weights.get(r, 1.0) for r in all_refs}, **{k: dict(v) for k, v in per.items()})
         if base is not None:
             params["weight"].pop(base, None)
             for k in per:
                 params[k].pop(base, None)
+        if len(groups) == 1:
+            return merge_state_dicts(state, method, parameters=params, base=base, dtype=torch.float32)
+        merged: dict[str, Any] = {}
+        for g, names in groups.items():
+            ws = dict(params["weight"])
+            for r in refs:
+                vals = [weights[blocks.label(r, b)] for b in range(n_blocks)]  # type: ignore[union-attr]
+                ws[r] = vals[g] if g is not None else sum(vals) / n_blocks
+            sub = {r: {k: sd[k] for k in names} for r, sd in state.items()}
+            merged.update(merge_state_dicts(sub, method, parameters=dict(params, weight=ws), base=base, dtype=torch.float32))
+        return merged
+
+    keys = [blocks.label(r, b) for r in refs for b in range(n_blocks)] if blocks else refs
+
+    def score(ws: list[float]) -> float:
+        t0 = time.perf_counter()
+        weights = dict(zip(keys, (float(w) for w in ws)))
         with torch.no_grad():
-            merged = merge_state_dicts(state, method, parameters=params, base=base, dtype=torch.float32)
-            expert.model.load_state_dict(merged, strict=False)
+            expert.model.load_state_dict(merge_with(weights), strict=False)
         row: dict[str, Any] = {"point": len(table) + 1, "weights": {r: round(float(w), 6) for r, w in weights.items()}}
         if bench:
             from evals import evaluate
@@ -189,9 +275,13 @@ def run_search(plan: MergePlan, *, workdir: Path, quiet: bool, seed: int | None)
     elif kind == "greedy":
         _greedy(score, len(refs))
     else:
-        _cmaes(score, len(refs), int(s.get("budget", 24)), float(s.get("sigma", 0.3)), seed)
+        _cmaes(score, len(keys), int(s.get("budget", 24)), float(s.get("sigma", 0.3)), seed, start=1.0 / len(refs))
     best = min(table, key=lambda r: -r["accuracy"] if bench else r["perplexity"])
-    return SearchOutcome(_with_weights(plan, best["weights"]), table, best)
+    if blocks is None:
+        chosen: dict[str, Any] = best["weights"]
+    else:
+        chosen = {r: blocks.setting([best["weights"][blocks.label(r, b)] for b in range(n_blocks)]) for r in refs}
+    return SearchOutcome(_with_weights(plan, chosen), table, best)
 
 
 def _grid(score: Any, n: int, step: float, simplex: bool, budget: int) -> None:
@@ -214,12 +304,13 @@ def _greedy(score: Any, n: int) -> None:
             soup, best = trial, ppl
 
 
-def _cmaes(score: Any, n: int, budget: int, sigma: float, seed: int | None) -> None:
-    """A compact (mu/mu_w, lambda)-CMA-ES over weights clipped to [0, 2]."""
+def _cmaes(score: Any, n: int, budget: int, sigma: float, seed: int | None, start: float | None = None) -> None:
+    """A compact (mu/mu_w, lambda)-CMA-ES over weights clipped to [0, 2], from
+    every weight at ``start`` (default 1/n)."""
     import numpy as np
 
     rng = np.random.default_rng(seed)
-    lam = 4 + int(3 * math.log(n))
+    lam = _cmaes_population(n)
     mu = lam // 2
     w = np.log(mu + 0.5) - np.log(np.arange(1, mu + 1))
     w /= w.sum()
@@ -229,7 +320,7 @@ def _cmaes(score: Any, n: int, budget: int, sigma: float, seed: int | None) -> N
     cmu = min(1 - c1, 2 * (mueff - 2 + 1 / mueff) / ((n + 2) ** 2 + mueff))
     damps = 1 + 2 * max(0, math.sqrt((mueff - 1) / (n + 1)) - 1) + cs
     chin = math.sqrt(n) * (1 - 1 / (4 * n) + 1 / (21 * n * n))
-    mean, C = np.full(n, 1.0 / n), np.eye(n)
+    mean, C = np.full(n, 1.0 / n if start is None else start), np.eye(n)
     pc, ps = np.zeros(n), np.zeros(n)
     evals, gen = 0, 0
     while evals + lam <= budget:
@@ -253,7 +344,11 @@ def _cmaes(score: Any, n: int, budget: int, sigma: float, seed: int | None) -> N
         sigma *= math.exp((cs / damps) * (np.linalg.norm(ps) / chin - 1))
 
 
-def _with_weights(plan: MergePlan, weights: dict[str, float]) -> MergePlan:
+def _cmaes_population(n: int) -> int:
+    return 4 + int(3 * math.log(n))
+
+
+def _with_weights(plan: MergePlan, weights: dict[str, Any]) -> MergePlan:
     new = copy.copy(plan)
     new.raw, new.resolved = copy.deepcopy(plan.raw), copy.deepcopy(plan.resolved)
     for m_raw, m_res in zip(new.raw["models"], new.resolved["models"]):
@@ -263,5 +358,6 @@ def _with_weights(plan: MergePlan, weights: dict[str, float]) -> MergePlan:
                 m["parameters"] = dict(m.get("parameters") or {}, weight=weights[r])
     new.search = None
     text = yaml.safe_dump(new.raw, sort_keys=False)
-    new.source_text = "# per-model weights chosen by collab merge --search\n" + text
+    what = "per-layer-block" if any(isinstance(w, list) for w in weights.values()) else "per-model"
+    new.source_text = f"# {what} weights chosen by collab merge --search\n" + text
     return new

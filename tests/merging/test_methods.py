@@ -243,3 +243,81 @@ def test_search_with_a_base_model_outside_models(merge_models: dict[str, Path], 
     }
     res = merge(cfg, tmp_path / "out", seed=0, quiet=True)
     assert res.search_table and len(res.search_table) >= 3
+
+
+def test_search_per_layer_blocks(merge_models: dict[str, Path], calibration: Path, tmp_path: Path) -> None:
+    """search.layers: one weight per model and layer block; the written merge
+    gives each layer its block's weights (mergekit filters), every other tensor
+    the mean, and is the model the best point scored."""
+    import math
+
+    import yaml
+
+    from collab.experts import Expert
+
+    m = merge_models
+    ft1, ft2 = str(m["ft1"]), str(m["other1"])
+    cfg = {
+        "models": [{"model": ft1, "parameters": {"weight": 0.5}}, {"model": ft2, "parameters": {"weight": 0.5}}],
+        "base_model": str(m["base"]),
+        "merge_method": "task_arithmetic",
+        "dtype": "float32",
+        "search": {"method": "cmaes", "layers": 2, "eval": str(calibration), "samples": 3, "budget": 8, "sigma": 0.5},
+    }
+    res = merge(cfg, tmp_path / "out", seed=0, quiet=True)
+    table = res.search_table
+    assert table and len(table) == 8
+    labels = [f"{r} layers {i}-{i}" for r in (ft1, ft2) for i in (0, 1)]
+    assert all(sorted(row["weights"]) == sorted(labels) for row in table)
+    best = min(table, key=lambda r: r["perplexity"])
+    w = best["weights"]
+    assert len({round(v, 6) for v in w.values()}) == 4  # the blocks really got different weights
+    written = yaml.safe_load((tmp_path / "out" / "merge_config.yaml").read_text())
+    assert written["models"][0]["parameters"]["weight"][0] == {"filter": ".layers.0.", "value": w[f"{ft1} layers 0-0"]}
+    out, base, a, b = (load_weights(p) for p in (tmp_path / "out", m["base"], m["ft1"], m["other1"]))
+    for key, wa, wb in (
+        ("model.layers.0.mlp.up_proj.weight", w[f"{ft1} layers 0-0"], w[f"{ft2} layers 0-0"]),
+        ("model.layers.1.self_attn.q_proj.weight", w[f"{ft1} layers 1-1"], w[f"{ft2} layers 1-1"]),
+        ("model.embed_tokens.weight", (w[f"{ft1} layers 0-0"] + w[f"{ft1} layers 1-1"]) / 2, (w[f"{ft2} layers 0-0"] + w[f"{ft2} layers 1-1"]) / 2),
+    ):
+        expect = base[key] + wa * (a[key] - base[key]) + wb * (b[key] - base[key])
+        assert torch.allclose(out[key], expect, atol=1e-5), key
+    e = Expert.load(tmp_path / "out")
+    texts = TEXTS[:3]
+    n = sum(len(e.tokenizer(t).input_ids) for t in texts)
+    ppl = math.exp(-sum(e.loglikelihood_rolling(t) for t in texts) / n)
+    assert abs(ppl - best["perplexity"]) / ppl < 1e-3
+
+
+@pytest.mark.parametrize(
+    "search, message",
+    [
+        ({"method": "grid", "layers": 2}, "cmaes"),
+        ({"method": "cmaes", "layers": 0}, "positive whole number"),
+        ({"method": "cmaes", "layers": 4, "budget": 9}, "less than one generation"),
+    ],
+)
+def test_search_layers_errors(search: dict, message: str, merge_models: dict[str, Path], calibration: Path, tmp_path: Path) -> None:
+    from merging.errors import MergeError
+
+    m = merge_models
+    cfg = {
+        "models": [{"model": str(m["ft1"]), "parameters": {"weight": 0.5}}, {"model": str(m["ft2"]), "parameters": {"weight": 0.5}}],
+        "merge_method": "linear",
+        "search": {"eval": str(calibration), **search},
+    }
+    with pytest.raises(MergeError, match=message):
+        merge(cfg, tmp_path / "out", dry_run=True, quiet=True)
+
+
+def test_search_more_layer_blocks_than_layers(merge_models: dict[str, Path], calibration: Path, tmp_path: Path) -> None:
+    from merging.errors import MergeError
+
+    m = merge_models
+    cfg = {
+        "models": [{"model": str(m["ft1"]), "parameters": {"weight": 0.5}}, {"model": str(m["ft2"]), "parameters": {"weight": 0.5}}],
+        "merge_method": "linear",
+        "search": {"method": "cmaes", "layers": 3, "budget": 20, "eval": str(calibration), "samples": 2},
+    }
+    with pytest.raises(MergeError, match="3 blocks asked for, but the models have 2 decoder layers"):
+        merge(cfg, tmp_path / "out", quiet=True)
