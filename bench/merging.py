@@ -10,9 +10,10 @@
    `--repeats N` alternates which tool runs first and reports medians.
 3. Quality (`--quality`): merges of the three experts (linear, task
    arithmetic, TIES, DARE, Fisher, RegMean and a CMA-ES search scored on
-   skill:mixed-dev) against each expert alone and the base, on the first
-   `--limit` test questions of skill:arith, skill:lists and skill:units, with
-   bootstrap 95% intervals.
+   skill:mixed-dev; with `--layer-blocks G` also a search over per-layer-block
+   weights) against each expert alone and the base, on the first `--limit`
+   test questions of skill:arith, skill:lists and skill:units, with bootstrap
+   95% intervals.
 
     .venv/bin/python bench/merging.py [--skip-parity] [--skip-cost] [--methods ...] [--repeats N] [--quality]
 """
@@ -167,7 +168,9 @@ def _calibration_file(path: Path, base: Path, n: int) -> Path:
     return path
 
 
-def quality_configs(m: dict[str, Path], calib: Path, search_limit: int, search_budget: int) -> dict[str, dict[str, object]]:
+def quality_configs(
+    m: dict[str, Path], calib: Path, search_limit: int, search_budget: int, layer_blocks: int = 0, layer_budget: int = 18
+) -> dict[str, dict[str, object]]:
     base = str(m["base"])
     experts = [str(m[e]) for e in EXPERTS]
 
@@ -175,7 +178,7 @@ def quality_configs(m: dict[str, Path], calib: Path, search_limit: int, search_b
         return [{"model": e, "parameters": dict(params)} for e in experts]
 
     calib_params = {"calibration": str(calib), "calibration_samples": 32, "max_length": 128}
-    return {
+    configs: dict[str, dict[str, object]] = {
         "linear": {"models": models(weight=1.0), "merge_method": "linear"},
         "task_arithmetic": {"models": models(weight=1.0), "base_model": base, "merge_method": "task_arithmetic"},
         "ties": {"models": models(weight=1.0, density=0.5), "base_model": base, "merge_method": "ties_fast"},
@@ -187,9 +190,16 @@ def quality_configs(m: dict[str, Path], calib: Path, search_limit: int, search_b
             "search": {"method": "cmaes", "benchmark": "skill:mixed-dev", "limit": search_limit, "budget": search_budget, "sigma": 0.4},
         },
     }
+    if layer_blocks > 1:
+        configs[f"searched-layers (task_arithmetic, cmaes, {layer_blocks} layer blocks)"] = {
+            "models": models(weight=1.0), "base_model": base, "merge_method": "task_arithmetic",
+            "search": {"method": "cmaes", "layers": layer_blocks, "benchmark": "skill:mixed-dev", "limit": search_limit,
+                       "budget": layer_budget, "sigma": 0.4},
+        }
+    return configs
 
 
-def quality(work: Path, limit: int, search_limit: int, search_budget: int) -> list[dict[str, object]]:
+def quality(work: Path, limit: int, search_limit: int, search_budget: int, layer_blocks: int = 0, layer_budget: int = 18) -> list[dict[str, object]]:
     """Per-skill accuracy (bootstrap 95% intervals) of the base, each zoo expert
     alone and each merge of the three experts, on the first ``limit`` test
     questions of each skill benchmark."""
@@ -216,7 +226,7 @@ def quality(work: Path, limit: int, search_limit: int, search_budget: int) -> li
         print(json.dumps(row), flush=True)
 
     # Each merge is scored as soon as it exists (a run cut short keeps what it scored).
-    for name, cfg in quality_configs(m, calib, search_limit, search_budget).items():
+    for name, cfg in quality_configs(m, calib, search_limit, search_budget, layer_blocks, layer_budget).items():
         out = work / ("merge-" + name.split()[0])
         note = None
         if not (out / "config.json").exists():
@@ -240,6 +250,8 @@ def main() -> None:
     ap.add_argument("--limit", type=int, default=50, help="test questions per skill for --quality")
     ap.add_argument("--search-limit", type=int, default=30, help="skill:mixed-dev questions per search point")
     ap.add_argument("--search-budget", type=int, default=14, help="CMA-ES evaluations of the searched merge")
+    ap.add_argument("--layer-blocks", type=int, default=0, help="also a CMA-ES search over per-layer-block weights (this many blocks)")
+    ap.add_argument("--layer-budget", type=int, default=18, help="CMA-ES evaluations of the per-layer-block search")
     ap.add_argument("--work", type=Path, default=None, help="keep inputs/outputs here (default: a temp dir)")
     args = ap.parse_args()
     work = args.work or Path(tempfile.mkdtemp(prefix="bench-merging-"))
@@ -262,7 +274,7 @@ def main() -> None:
 
 
     if args.quality:
-        rows = quality(work / "quality", args.limit, args.search_limit, args.search_budget)
+        rows = quality(work / "quality", args.limit, args.search_limit, args.search_budget, args.layer_blocks, args.layer_budget)
         print(f"\n## Quality: first {args.limit} test questions per skill, accuracy [bootstrap 95% interval] (load {os.getloadavg()[0]:.1f})\n")
         print("| system | " + " | ".join(SKILLS) + " | average |\n|---" * 1 + "|---" * (len(SKILLS) + 1) + "|")
         for r in rows:
