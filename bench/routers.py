@@ -3,6 +3,11 @@ RouteLLM MMLU/GSM8K APGR and CPT, and decision latency next to the raw encoder.
 
     .venv/bin/python bench/routers.py [--seeds 5] [--skip-quality] [--skip-routellm] [--skip-latency] [--bert]
 
+Leave-one-task-out with the out-of-distribution guard next to the plain ensemble:
+
+    .venv/bin/python bench/routers.py --skip-quality --skip-routellm --skip-latency \
+        --loto-routers ensemble,guarded,guarded:mode=hard:select=false:statistic=similarity:low=0.3:high=0.3
+
 Prints Markdown tables (results for docs/benchmarks.md) and writes them to
 runs/bench-routers.json.
 """
@@ -40,6 +45,10 @@ ROUTERS = {
     "subject (cluster 32)": ("subject", {"mode": "cluster", "clusters": 32}),
     "ensemble": ("ensemble", {}),
     "partition": ("partition", {}),
+    # The out-of-distribution guard (routers/guard.py) around the ensemble: calibrated on the
+    # training table (inner leave-one-training-task-out + 5-fold), and one fixed setting.
+    "guarded ensemble": ("guarded", {}),
+    "guarded ensemble (hard similarity q0.3 fixed)": ("guarded", {"mode": "hard", "select": False, "statistic": "similarity", "low": 0.3, "high": 0.3}),
 }
 
 
@@ -106,38 +115,72 @@ def quality(seeds: int, bert: bool, only: list[str] | None = None) -> dict:
             times[name] += time.perf_counter() - t0
             if key == "partition":
                 ev["chosen"] = {"view": r.config.view, "clusters": list(r.config.clusters), "smoothing": r.config.smoothing}
+            if key == "guarded":
+                _, notes = r.explain(te.prompts)
+                ev["chosen"] = _guard_info(r) | {"guarded_share": float(np.mean([n.get("weight", 1.0) < 1.0 for n in notes]))}
             per[name].append(ev)
             print(f"seed {seed} {name:28s} acc {ev['accuracy']:.4f} best {ev['best_single']:.4f} gap {ev['gap_closed']:+.3f} delta_low {ev['delta_low']:+.4f} {ev.get('chosen', '')}", file=sys.stderr, flush=True)
-    rows = [_gap_row(n, evs) | {"fit_predict_s": times[n] / max(1, len(evs)), "seeds": len(evs)} for n, evs in per.items() if evs]
+    rows = [_gap_row(n, evs) | {"fit_predict_s": times[n] / max(1, len(evs)), "seeds": len(evs), "per_seed_gap_closed": [e["gap_closed"] for e in evs], "chosen": [e.get("chosen") for e in evs]} for n, evs in per.items() if evs]
     # Pooled paired bootstrap over all seeds' test predictions is what 'delta_low_pooled' reports.
     return {"rows": rows, "table": table.summary()}
+
+
+def _guard_info(r) -> dict:
+    """What a guarded router chose on its training table (statistic, quantiles, thresholds)."""
+    if r.key != "guarded":
+        return {}
+    c = r.config
+    g = r.meta.get("guard", {})
+    return {"mode": c.mode, "statistic": c.statistic, "low": c.low, "high": c.high, "thresholds": [float(v) for v in r.thresholds], "calibration_score": g.get("chosen", {}).get("score"), "calibration_off_score": g.get("off", {}).get("score")}
 
 
 def loto(seed: int = 0, routers: tuple[str, ...] = ("ensemble", "partition")) -> list[dict]:
     """Train on every task but one, test on the held-out task. The reference is the expert
     that was best on the *training* tasks (what a fixed choice made without the task would
-    do); 'test_best_single' (best on the held-out task itself) is shown for context."""
+    do); 'test_best_single' (best on the held-out task itself) is shown for context.
+    Routers are 'key' or 'key:option=value:...' (e.g. 'guarded:base=ensemble'); every
+    router after the first is also compared with the first (paired, same queries)."""
+    from routers.learned import parse_member
     from routers.metrics import bootstrap_ci, routed_scores
 
     table = from_llmrouter()
     out = []
     diffs: dict[str, list[np.ndarray]] = {k: [] for k in routers}
+    routed_all: dict[str, list[np.ndarray]] = {k: [] for k in routers}
     for task, tr, te in table.leave_one_task_out():
         fixed = te.scores[:, int(tr.scores.mean(0).argmax())]
         row: dict = {"task": task, "queries": len(te), "train_best_single": float(fixed.mean()), "test_best_single": float(te.scores.mean(0).max()), "oracle": float(te.scores.max(1).mean())}
-        for key in routers:
-            r = make_router(key, seed=seed).fit(tr)
-            routed = routed_scores(te, r.predict(te.prompts).argmax(1))
+        for spec in routers:
+            key, opts = parse_member(spec)
+            t0 = time.perf_counter()
+            r = make_router(key, seed=seed, **opts).fit(tr)
+            if key == "guarded":
+                pred, notes = r.explain(te.prompts)
+                guarded_share = float(np.mean([n.get("weight", 1.0) < 1.0 for n in notes]))
+            else:
+                pred, guarded_share = r.predict(te.prompts), None
+            routed = routed_scores(te, pred.argmax(1))
             m, lo, hi = bootstrap_ci(routed - fixed, 1000, seed=seed)
-            row[key] = {"accuracy": float(routed.mean()), "delta": m, "delta_low": lo, "delta_high": hi}
-            diffs[key].append(routed - fixed)
-            print(f"loto {task:12s} n={len(te)} fixed {fixed.mean():.4f} {key} {routed.mean():.4f} delta {m:+.4f} [{lo:+.4f}, {hi:+.4f}]", file=sys.stderr, flush=True)
+            row[spec] = {"accuracy": float(routed.mean()), "delta": m, "delta_low": lo, "delta_high": hi, "fit_predict_s": time.perf_counter() - t0}
+            if guarded_share is not None:
+                row[spec] |= {"guarded_share": guarded_share, "guard": _guard_info(r)}
+            if spec != routers[0]:
+                m2, lo2, hi2 = bootstrap_ci(routed - routed_all[routers[0]][-1], 1000, seed=seed)
+                row[spec] |= {f"vs_{routers[0]}": {"delta": m2, "delta_low": lo2, "delta_high": hi2}}
+            diffs[spec].append(routed - fixed)
+            routed_all[spec].append(routed)
+            extra = f" guarded {guarded_share:.0%} {_guard_info(r)}" if guarded_share is not None else ""
+            print(f"loto {task:12s} n={len(te)} fixed {fixed.mean():.4f} {spec} {routed.mean():.4f} delta {m:+.4f} [{lo:+.4f}, {hi:+.4f}]{extra}", file=sys.stderr, flush=True)
         out.append(row)
     # Pooled over all held-out tasks (each query once): the overall verdict.
-    for key in routers:
-        m, lo, hi = bootstrap_ci(np.concatenate(diffs[key]), 1000, seed=seed)
-        out.append({"task": "ALL (pooled)", "router": key, "delta": m, "delta_low": lo, "delta_high": hi})
-        print(f"loto pooled {key} delta {m:+.4f} [{lo:+.4f}, {hi:+.4f}]", file=sys.stderr, flush=True)
+    for spec in routers:
+        m, lo, hi = bootstrap_ci(np.concatenate(diffs[spec]), 1000, seed=seed)
+        pooled = {"task": "ALL (pooled)", "router": spec, "queries": len(table), "accuracy": float(np.concatenate(routed_all[spec]).mean()), "delta": m, "delta_low": lo, "delta_high": hi}
+        if spec != routers[0]:
+            m2, lo2, hi2 = bootstrap_ci(np.concatenate(routed_all[spec]) - np.concatenate(routed_all[routers[0]]), 1000, seed=seed)
+            pooled[f"vs_{routers[0]}"] = {"delta": m2, "delta_low": lo2, "delta_high": hi2}
+        out.append(pooled)
+        print(f"loto pooled {spec} delta {m:+.4f} [{lo:+.4f}, {hi:+.4f}]", file=sys.stderr, flush=True)
     return out
 
 

@@ -70,11 +70,15 @@ def ask(router_dir: str | os.PathLike[str], prompt: str, policy: Any = None) -> 
     """Route one prompt: the chosen expert, every expert's predicted score and the reason."""
     from routers.policies import make_policy
 
+    from routers.policies import annotate
+
     r = Router.load(router_dir)
-    pred = r.predict([prompt])
+    pred, notes = r.explain([prompt])
     pol = make_policy(policy, r.experts, r.meta.get("train_mean_costs"))
     d = pol.decide(pred, r.experts, np.asarray(r.meta["train_mean_costs"]) if "train_mean_costs" in r.meta else None)[0]
-    return {
+    if notes[0]:
+        annotate(d, notes[0])
+    out = {
         "routed_to": r.experts[d.ranking[0]],
         "scores": {e: float(s) for e, s in zip(r.experts, pred[0])},
         "ranking": [r.experts[j] for j in d.ranking],
@@ -82,3 +86,5 @@ def ask(router_dir: str | os.PathLike[str], prompt: str, policy: Any = None) -> 
         "reason": d.reason,
         "router": r.key,
     }
+    out.update(d.extra)
+    return out

@@ -48,9 +48,10 @@ def router_names() -> list[str]:
 
 
 def _import_all() -> None:
-    import routers.baselines  # noqa: F401
-    import routers.bert  # noqa: F401
-    import routers.learned  # noqa: F401
+    import importlib
+
+    for module in ("routers.baselines", "routers.bert", "routers.guard", "routers.learned"):
+        importlib.import_module(module)
 
 
 def make_router(key: str, **overrides: Any) -> "Router":
@@ -142,6 +143,13 @@ class Router:
 
     def _predict_features(self, x: np.ndarray | None, prompts: list[str]) -> np.ndarray:
         raise NotImplementedError
+
+    def explain(self, prompts: Sequence[str]) -> tuple[np.ndarray, list[dict[str, Any] | None]]:
+        """Predictions and, per prompt, a note for the trace (a dict with at least 'reason'),
+        or None where the router has nothing to add. The guard (``guarded``) reports here
+        whether a prompt was out of distribution."""
+        prompts = list(prompts)
+        return self.predict(prompts), [None] * len(prompts)
 
     # ------------------------------------------------------------ artefacts
     def _state(self) -> dict[str, np.ndarray]:

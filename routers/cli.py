@@ -30,7 +30,7 @@ def _parse_options(options: list[str] | None) -> dict[str, Any]:
 @route_app.command("train")
 def train(
     data: Annotated[list[str], typer.Option("--data", help=_DATA_HELP)],
-    router: Annotated[str, typer.Option("--router", help="Router kind: knn, logreg, mlp, mf, subject, bert, ensemble, best-single, random, oracle.")],
+    router: Annotated[str, typer.Option("--router", help="Router kind: knn, logreg, mlp, mf, subject, bert, ensemble, partition, guarded, best-single, random, oracle.")],
     out: Annotated[str, typer.Option("--out", help="Directory to write the trained router to.")],
     option: Annotated[Optional[list[str]], typer.Option("--option", "-o", help="Router option KEY=VALUE, e.g. -o k=40 -o encoder=tfidf (repeatable).")] = None,
     test_size: Annotated[float, typer.Option(help="Hold out this share of queries (stratified by task) for `route eval`.")] = 0.0,

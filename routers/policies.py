@@ -42,6 +42,16 @@ class Decision:
 
     ranking: list[int]
     reason: str
+    extra: dict[str, Any] = field(default_factory=dict)
+    """More for the trace (e.g. ``guard``: the out-of-distribution guard's verdict)."""
+
+
+def annotate(decision: Decision, note: dict[str, Any]) -> None:
+    """Put a router's note (e.g. the out-of-distribution guard's verdict) into a decision:
+    under ``guard`` in the trace, and in front of the reason when the guard changed the prediction."""
+    decision.extra["guard"] = note
+    if note.get("weight", 1.0) < 1.0 and note.get("reason"):
+        decision.reason = f"{note['reason']}; {decision.reason}"
 
 
 class Policy:

@@ -24,7 +24,7 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 
 from collab.system import BaseSystem, Completion, GenerationRequest, StreamChunk
-from routers.policies import CascadePolicy, Decision, Policy, make_policy
+from routers.policies import CascadePolicy, Decision, Policy, annotate, make_policy
 
 
 class RoutedSystem(BaseSystem):
@@ -58,8 +58,16 @@ class RoutedSystem(BaseSystem):
     def route(self, requests: Sequence[GenerationRequest]) -> list[tuple[Decision, np.ndarray]]:
         """For each request: the policy's decision and the router's (E,) predicted scores."""
         texts = [r.text_for_routing(last_turn_only=self.last_turn_only) for r in requests]
-        pred = self.router.predict(texts)
-        return list(zip(self.policy.decide(pred, self.expert_names), pred))
+        explain = getattr(self.router, "explain", None)
+        if callable(explain):
+            pred, notes = explain(texts)
+        else:
+            pred, notes = self.router.predict(texts), [None] * len(texts)
+        decisions = self.policy.decide(pred, self.expert_names)
+        for d, note in zip(decisions, notes):
+            if note:
+                annotate(d, note)
+        return list(zip(decisions, pred))
 
     def _trace(self, decision: Decision, pred: np.ndarray, chosen: int, expert_trace: Any, failures: list[dict[str, str]], extra: dict[str, Any] | None = None) -> dict[str, Any]:
         t: dict[str, Any] = {
@@ -73,6 +81,8 @@ class RoutedSystem(BaseSystem):
         }
         if failures:
             t["fallback"] = failures
+        if decision.extra:
+            t.update(decision.extra)
         if extra:
             t.update(extra)
         return t
