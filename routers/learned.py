@@ -583,6 +583,7 @@ class PartitionRouter(Router):
             cells.append(self._cell_means(labels, len(centroids), table.scores, c.smoothing))
             offsets.append(offsets[-1] + len(centroids))
         self.centroids = np.concatenate(cents).astype(np.float32)
+        self._c2 = (self.centroids * self.centroids).sum(1)
         self.cell_scores = np.concatenate(cells)
         self.offsets = np.asarray(offsets, dtype=np.int64)
 
@@ -616,9 +617,11 @@ class PartitionRouter(Router):
         xv = self._view(x, self.config.view)
         out = np.zeros((len(xv), self.cell_scores.shape[1]))
         n = len(self.offsets) - 1
+        # One product against every partition's centroids, then the nearest cell per partition.
+        d = self._c2[None, :] - 2.0 * _similarities(xv.astype(np.float32), self.centroids)
         for i in range(n):
             a, b = int(self.offsets[i]), int(self.offsets[i + 1])
-            out += self.cell_scores[a:b][_nearest(xv, self.centroids[a:b])]
+            out += self.cell_scores[a:b][d[:, a:b].argmin(axis=1)]
         return out / max(n, 1)
 
     def hyperparameters(self) -> dict[str, Any]:
@@ -633,6 +636,7 @@ class PartitionRouter(Router):
 
     def _load_state(self, t: dict[str, np.ndarray]) -> None:
         self.centroids, self.cell_scores, self.offsets = t["centroids"], t["cell_scores"], t["offsets"].astype(np.int64)
+        self._c2 = (self.centroids * self.centroids).sum(1)
         c = self.config
         c.clusters = tuple(int(k) for k in c.clusters)
         c.grid_clusters = tuple(tuple(int(k) for k in g) for g in c.grid_clusters)
