@@ -180,3 +180,31 @@ def test_cli_merge_and_dry_run(merge_models: dict[str, Path], tmp_path: Path) ->
     bad = _write(tmp_path, {**_linear(merge_models), "merge_method": "nope"}, "bad.yaml")
     err = subprocess.run([sys.executable, "-m", "collab.cli", "merge", str(bad), str(tmp_path / "o")], capture_output=True, text=True, env=env)
     assert err.returncode == 2 and "unknown method 'nope'" in err.stderr
+
+
+def test_merged_model_serves_through_a_spec(merge_models: dict[str, Path], tmp_path: Path) -> None:
+    """`collab merge` from the CLI, then the output served as `type: expert` in a spec:
+    `collab generate SPEC -s merged` answers with the merged weights (greedy output
+    equal to the merged model loaded directly)."""
+    from collab.experts import Expert
+    from collab.spec import load_spec
+    from collab.system import GenerationRequest
+
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    cfg = _write(tmp_path, _linear(merge_models))
+    done = subprocess.run([sys.executable, "-m", "collab.cli", "merge", str(cfg), str(tmp_path / "merged"), "--quiet"], capture_output=True, text=True, env=env)
+    assert done.returncode == 0, done.stderr
+    spec_path = tmp_path / "spec.yaml"
+    spec_path.write_text("systems:\n  merged: {type: expert, ref: merged}\n")
+    system = load_spec(spec_path).system("merged")
+    req = GenerationRequest(messages=[{"role": "user", "content": "hello there"}], max_tokens=6)
+    served = system.generate(req)
+    direct = Expert.load(tmp_path / "merged").generate(req)
+    assert served.text == direct.text and served.usage.completion_tokens > 0
+    assert served.trace["type"] == "expert"
+    cli = subprocess.run(
+        [sys.executable, "-m", "collab.cli", "generate", str(spec_path), "hello there", "-s", "merged", "--max-tokens", "6"],
+        capture_output=True, text=True, env=env,
+    )
+    assert cli.returncode == 0, cli.stderr
+    assert cli.stdout.strip() == direct.text.strip()
