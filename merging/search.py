@@ -9,7 +9,7 @@ examples, scored by ``evals.evaluate``), then merge with the best weights.
   models sorted by their own score, each kept if adding it (uniform weights)
   lowers perplexity.
 - ``cmaes``: CMA-ES (Hansen 2016, https://arxiv.org/abs/1604.00772) over the
-  weights, ``budget`` evaluations.
+  weights from every weight at 1/n (scored first), then ``budget`` evaluations.
 
 With ``search.layers: G`` (cmaes only) each model gets one weight per block
 of consecutive decoder layers (G blocks of near-equal size, as in per-layer
@@ -306,7 +306,9 @@ def _greedy(score: Any, n: int) -> None:
 
 def _cmaes(score: Any, n: int, budget: int, sigma: float, seed: int | None, start: float | None = None) -> None:
     """A compact (mu/mu_w, lambda)-CMA-ES over weights clipped to [0, 2], from
-    every weight at ``start`` (default 1/n)."""
+    every weight at ``start`` (default 1/n). The starting point itself is scored
+    first (not counted in ``budget``), so the search never returns a point that
+    scored worse than where it started."""
     import numpy as np
 
     rng = np.random.default_rng(seed)
@@ -323,6 +325,7 @@ def _cmaes(score: Any, n: int, budget: int, sigma: float, seed: int | None, star
     mean, C = np.full(n, 1.0 / n if start is None else start), np.eye(n)
     pc, ps = np.zeros(n), np.zeros(n)
     evals, gen = 0, 0
+    score(list(mean))
     while evals + lam <= budget:
         vals, vecs = np.linalg.eigh(C)
         B, D = vecs, np.sqrt(np.maximum(vals, 1e-20))
