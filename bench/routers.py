@@ -217,9 +217,10 @@ def latency(n: int = 60) -> dict:
     tr, _ = table.split(0.2, 0)
     enc = minilm()
     words = "Consider the following question about the history and the science of numbers and explain".split()
+    run = f"r{time.time_ns() % 10**9}"  # embeddings are cached on disk by content: no prompt of an earlier run may repeat
 
     def prompt(i: int) -> str:
-        return " ".join(f"{words[(i + j) % len(words)]}{i}" if j % 7 == 0 else words[(i + j) % len(words)] for j in range(150))
+        return run + " " + " ".join(f"{words[(i + j) % len(words)]}{i}" if j % 7 == 0 else words[(i + j) % len(words)] for j in range(149))
 
     ntok = len(enc.model.tokenizer(prompt(0)).input_ids)
     res: dict = {"prompt_tokens": ntok}
