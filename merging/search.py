@@ -231,13 +231,13 @@ def run_search(plan: MergePlan, *, workdir: Path, quiet: bool, seed: int | None)
             params["weight"].pop(base, None)
             for k in per:
                 params[k].pop(base, None)
-        if len(groups) == 1:
+        if blocks is None:
             return merge_state_dicts(state, method, parameters=params, base=base, dtype=torch.float32)
         merged: dict[str, Any] = {}
         for g, names in groups.items():
             ws = dict(params["weight"])
             for r in refs:
-                vals = [weights[blocks.label(r, b)] for b in range(n_blocks)]  # type: ignore[union-attr]
+                vals = [weights[blocks.label(r, b)] for b in range(n_blocks)]
                 ws[r] = vals[g] if g is not None else sum(vals) / n_blocks
             sub = {r: {k: sd[k] for k in names} for r, sd in state.items()}
             merged.update(merge_state_dicts(sub, method, parameters=dict(params, weight=ws), base=base, dtype=torch.float32))
