@@ -184,9 +184,11 @@ def loto(seed: int = 0, routers: tuple[str, ...] = ("ensemble", "partition")) ->
     return out
 
 
-def routellm(seeds: int, keys: tuple[str, ...] = ("knn", "logreg", "mf", "partition", "random")) -> list[dict]:
+def routellm(seeds: int, keys: tuple[str, ...] = ("knn", "logreg", "mf", "partition", "random"), tables: tuple[str, ...] = ("gsm8k", "mmlu")) -> list[dict]:
     out = []
     for name, loader, encoders in [("gsm8k", from_routellm_gsm8k, ["minilm", "tfidf"]), ("mmlu", from_routellm_mmlu, ["tfidf"])]:
+        if name not in tables:
+            continue
         table = loader()
         for enc in encoders:
             for key in keys:
@@ -287,6 +289,7 @@ def main() -> None:
     ap.add_argument("--bert", action="store_true", help="also fine-tune the bert router (seed 0 only; slow on CPU)")
     ap.add_argument("--loto-routers", default="ensemble,partition")
     ap.add_argument("--routellm-routers", default="knn,logreg,mf,partition,random")
+    ap.add_argument("--routellm-tables", default="gsm8k,mmlu", help="comma-separated subset of gsm8k,mmlu")
     ap.add_argument("--only", default="", help="comma-separated router names of the quality table (e.g. 'best-single,partition')")
     ap.add_argument("--out", default="runs/bench-routers.json")
     a = ap.parse_args()
@@ -300,7 +303,7 @@ def main() -> None:
     if not a.skip_loto:
         out["loto"] = loto(routers=tuple(a.loto_routers.split(",")))
     if not a.skip_routellm:
-        out["routellm"] = routellm(a.seeds, tuple(a.routellm_routers.split(",")))
+        out["routellm"] = routellm(a.seeds, tuple(a.routellm_routers.split(",")), tuple(a.routellm_tables.split(",")))
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     prev = json.loads(Path(a.out).read_text()) if Path(a.out).is_file() else {}
     prev.update(out)
