@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any, Iterator, Sequence
 from collab.errors import ContextLengthError, ModelLoadError
 from collab.generation import QueueStreamer, RowLimits, StopFlag, StopStrings, first_stop, stopping
 from collab.io import atomic_directory, atomic_write_json, cache_root
+from collab.packing import PackedBatch, PackedRow, pack_rows
 from collab.system import BaseSystem, Completion, GenerationRequest, Message, StreamChunk, Usage
 
 if TYPE_CHECKING:
@@ -526,7 +527,7 @@ class Expert(BaseSystem):
         """
         split = [self._split_context(c, x) for c, x in pairs]
         share = self.share_context if share_context is None else share_context
-        rows = self._pack_rows(split) if share else [_Row(ctx, [(i, cont)]) for i, (ctx, cont) in enumerate(split)]
+        rows = self._pack_rows(split) if share else [PackedRow(ctx, [(i, cont)]) for i, (ctx, cont) in enumerate(split)]
         rows.sort(key=lambda r: -r.length)
         out: list[tuple[float, bool]] = [(0.0, True)] * len(pairs)
         bs = batch_size or self.batch_size
@@ -535,72 +536,16 @@ class Expert(BaseSystem):
                 out[i] = res
         return out
 
-    def _pack_rows(self, split: list[tuple[list[int], list[int]]]) -> list["_Row"]:
+    def _pack_rows(self, split: list[tuple[list[int], list[int]]]) -> list[PackedRow]:
         limit = self.context_window
         window = getattr(self.model.config.get_text_config(), "sliding_window", None)
         if window:  # a packed row must not reach past a sliding-window layer's span
             limit = min(limit, int(window))
-        by_ctx: dict[tuple[int, ...], list[tuple[int, list[int]]]] = {}
-        for i, (ctx, cont) in enumerate(split):
-            by_ctx.setdefault(tuple(ctx), []).append((i, cont))
-        rows: list[_Row] = []
-        for ctx_t, items in by_ctx.items():
-            ctx = list(ctx_t)
-            row = _Row(ctx, [])
-            for i, cont in items:
-                if len(ctx) + len(cont) > limit:  # too long to pack: its own row, truncated on the left
-                    rows.append(_Row(ctx, [(i, cont)]))
-                    continue
-                if row.conts and row.length + len(cont) > limit:
-                    rows.append(row)
-                    row = _Row(ctx, [])
-                row.conts.append((i, cont))
-            if row.conts:
-                rows.append(row)
-        return rows
+        return pack_rows(split, limit)
 
-    def _score_rows(self, rows: list["_Row"]) -> list[tuple[int, tuple[float, bool]]]:
-        import torch
-
-        seqs, positions, preds, targets = [], [], [], []
-        for row in rows:
-            seq, pos, pred, tgt = row.layout(self.context_window)
-            seqs.append(seq)
-            positions.append(pos)
-            preds.append(pred)
-            targets.append(tgt)
-        width = max(len(s) for s in seqs)
-        b = len(rows)
-        pad = self.tokenizer.pad_token_id
-        dtype = next(self.model.parameters()).dtype
-        ids = torch.full((b, width), pad, dtype=torch.long)
-        pos_ids = torch.zeros((b, width), dtype=torch.long)
-        allowed = torch.zeros((b, width, width), dtype=torch.bool)
-        keep = torch.zeros((b, width), dtype=torch.bool)
-        for r, (row, seq, pos, pred, tgt) in enumerate(zip(rows, seqs, positions, preds, targets)):
-            n = len(seq)
-            ids[r, :n] = torch.tensor(seq)
-            pos_ids[r, :n] = torch.tensor(pos)
-            allowed[r, :n, :n] = row.visibility(n, n - sum(len(t) for t in tgt))
-            allowed[r, n:, n:] = torch.eye(width - n, dtype=torch.bool)  # padding attends to itself only
-            for p_cont in pred:
-                keep[r, p_cont] = True
-        mask = torch.zeros((b, 1, width, width), dtype=dtype)
-        mask.masked_fill_(~allowed[:, None], torch.finfo(dtype).min)
-        logits = self._logits_at(ids, mask, pos_ids, keep)  # (n_keep, V), row-major over keep
-        logp = torch.log_softmax(logits.float(), dim=-1)
-        flat_index = torch.cumsum(keep.flatten(), 0).view(b, width) - 1
-        results: list[tuple[int, tuple[float, bool]]] = []
-        for r, (row, pred, tgt) in enumerate(zip(rows, preds, targets)):
-            for (i, _), p_idx, t in zip(row.conts, pred, tgt):
-                if not p_idx:
-                    results.append((i, (0.0, True)))
-                    continue
-                lp = logp[flat_index[r, p_idx]]
-                target = torch.tensor(t, device=lp.device)
-                total = float(lp.gather(1, target[:, None]).sum())
-                results.append((i, (total, bool((lp.argmax(-1) == target).all()))))
-        return results
+    def _score_rows(self, rows: list[PackedRow]) -> list[tuple[int, tuple[float, bool]]]:
+        batch = PackedBatch.build(rows, self.context_window, self.tokenizer.pad_token_id, next(self.model.parameters()).dtype)
+        return batch.scores(self._logits_at(batch.ids, batch.mask, batch.positions, batch.keep))
 
     def _logits_at(self, ids: "torch.Tensor", mask: "torch.Tensor", pos: "torch.Tensor", keep: "torch.Tensor") -> "torch.Tensor":
         """Logits at the ``keep`` positions only, flattened row-major; the vocabulary
@@ -679,53 +624,6 @@ class Expert(BaseSystem):
     def _cache_arg(self) -> str:
         params = inspect.signature(self.model.forward).parameters
         return "cache" if "cache" in params else "past_key_values"
-
-
-@dataclass
-class _Row:
-    """One packed scoring row: a context followed by continuations of it."""
-
-    ctx: list[int]
-    conts: list[tuple[int, list[int]]]  # (index of the pair in the caller's list, continuation tokens)
-
-    @property
-    def length(self) -> int:
-        return len(self.ctx) + sum(len(c) for _, c in self.conts)
-
-    def layout(self, window: int) -> tuple[list[int], list[int], list[list[int]], list[list[int]]]:
-        """Tokens, position ids, and for each continuation the row indices whose
-        outputs predict its tokens and the tokens themselves."""
-        ctx = self.ctx
-        if len(self.conts) == 1 and self.length > window:  # one long pair: drop the oldest context tokens
-            n = len(self.conts[0][1])
-            if n >= window:
-                raise ContextLengthError(f"continuation of {n} tokens does not fit the context window of {window} tokens")
-            ctx = ctx[len(ctx) + n - window :]
-        seq, pos = list(ctx), list(range(len(ctx)))
-        preds: list[list[int]] = []
-        tgts: list[list[int]] = []
-        for _, cont in self.conts:
-            start = len(seq)
-            preds.append([len(ctx) - 1] + [start + t for t in range(len(cont) - 1)] if cont else [])
-            tgts.append(list(cont))
-            seq.extend(cont)
-            pos.extend(range(len(ctx), len(ctx) + len(cont)))
-        return seq, pos, preds, tgts
-
-    def visibility(self, n: int, ctx_len: int) -> "torch.Tensor":
-        """(n, n) boolean: query i may attend to key j. Causal over the context;
-        each continuation sees the context and its own earlier tokens."""
-        import torch
-
-        causal = torch.tril(torch.ones((n, n), dtype=torch.bool))
-        segment = torch.zeros(n, dtype=torch.long)  # 0 = context, k = k-th continuation
-        start = ctx_len
-        for k, (_, cont) in enumerate(self.conts, 1):
-            segment[start : start + len(cont)] = k
-            start += len(cont)
-        same = segment[:, None] == segment[None, :]
-        sees_ctx = (segment[None, :] == 0).expand(n, n)
-        return causal & (same | sees_ctx)
 
 
 def _apply_adapter(model: Any, adapter_dir: Path) -> Any:
