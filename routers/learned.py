@@ -524,10 +524,17 @@ class PartitionRouterConfig(RouterConfig):
     grid_view: tuple[str, ...] = ("all", "first")
 
 
+def _sq_distances(x: np.ndarray, centroids: np.ndarray, sq_norms: np.ndarray | None = None) -> np.ndarray:
+    """Squared Euclidean distances from each row of x to each centroid, up to each row's
+    own squared norm (which does not change the nearest centroid). ``sq_norms``: the
+    centroids' squared norms, if already known."""
+    c2 = (centroids * centroids).sum(1) if sq_norms is None else sq_norms
+    return c2[None, :] - 2.0 * _similarities(x.astype(np.float32), centroids)
+
+
 def _nearest(x: np.ndarray, centroids: np.ndarray) -> np.ndarray:
     """Index of the nearest centroid (Euclidean) for each row of x."""
-    d = (centroids * centroids).sum(1)[None, :] - 2.0 * _similarities(x.astype(np.float32), centroids)
-    return d.argmin(axis=1)
+    return _sq_distances(x, centroids).argmin(axis=1)
 
 
 @register_router("partition")
@@ -618,7 +625,7 @@ class PartitionRouter(Router):
         out = np.zeros((len(xv), self.cell_scores.shape[1]))
         n = len(self.offsets) - 1
         # One product against every partition's centroids, then the nearest cell per partition.
-        d = self._c2[None, :] - 2.0 * _similarities(xv.astype(np.float32), self.centroids)
+        d = _sq_distances(xv, self.centroids, self._c2)
         for i in range(n):
             a, b = int(self.offsets[i]), int(self.offsets[i + 1])
             out += self.cell_scores[a:b][d[:, a:b].argmin(axis=1)]
