@@ -206,18 +206,27 @@ def routellm(seeds: int, keys: tuple[str, ...] = ("knn", "logreg", "mf", "partit
     return out
 
 
-def latency(n: int = 60) -> dict:
+def latency(n: int = 60, device: str = "cpu", minilm_model: str = "zoo:minilm-l6", table_path: str | None = None) -> dict:
     """Decision latency at batch 1 on fresh prompts. Each router's end-to-end figure
     includes its own MiniLM (or TF-IDF) encoding: every timed call uses a prompt no
     router has seen, so the embedding cache cannot answer it. The raw
     sentence-transformers forward is timed interleaved with each router (same
     prompt length, fresh prompts), so drift in machine load hits both alike; the
-    overhead is the median of the paired differences."""
-    from routers.encoders import minilm
+    overhead is the median of the paired differences.
 
-    table = from_llmrouter()
+    ``device`` runs MiniLM there (the heads stay NumPy); on a device other than the CPU
+    the embeddings and every router's choices are also compared with the CPU's."""
+    from routers.encoders import MiniLMEncoder, minilm
+
+    table = from_llmrouter(table_path)
     tr, _ = table.split(0.2, 0)
-    enc = minilm()
+    enc = minilm(minilm_model).to(device)
+    if minilm_model != "zoo:minilm-l6":
+        import routers.encoders as encoders
+
+        # Routers built below ask for the zoo's MiniLM by name; a machine without the zoo
+        # package (a GPU box) gives them this copy of the same weights instead.
+        encoders._MINILM[("zoo:minilm-l6", 256)] = enc
     words = "Consider the following question about the history and the science of numbers and explain".split()
     run = f"r{time.time_ns() % 10**9}"  # embeddings are cached on disk by content: no prompt of an earlier run may repeat
 
@@ -225,7 +234,8 @@ def latency(n: int = 60) -> dict:
         return run + " " + " ".join(f"{words[(i + j) % len(words)]}{i}" if j % 7 == 0 else words[(i + j) % len(words)] for j in range(149))
 
     ntok = len(enc.model.tokenizer(prompt(0)).input_ids)
-    res: dict = {"prompt_tokens": ntok}
+    res: dict = {"prompt_tokens": ntok, "device": device}
+    cpu_enc = MiniLMEncoder(minilm_model, cache=False) if device != "cpu" else None
 
     def once(fn, arg) -> float:
         t0 = time.perf_counter()
@@ -249,8 +259,16 @@ def latency(n: int = 60) -> dict:
         "knn (tfidf)": make_router("knn", encoder="tfidf", k=10).fit(tr),
         "logreg (tfidf)": make_router("logreg", encoder="tfidf").fit(tr),
     }
+    check = [prompt(900_000 + i) for i in range(64)]
+    if cpu_enc is not None:
+        diff = float(np.abs(enc.encode_uncached(check) - cpu_enc.encode_uncached(check)).max())
+        res["embedding_max_abs_diff_vs_cpu"] = diff
+        print(f"latency {device} vs cpu: embeddings of 64 prompts differ by at most {diff:.2e}", file=sys.stderr, flush=True)
     for r_i, (name, r) in enumerate(routers.items()):
         base = 100_000 * (r_i + 1)  # prompts of this router only: never cached by an earlier one
+        if cpu_enc is not None and r.encoder is enc:
+            same = r.predict_features(enc.encode_uncached(check), check).argmax(1) == r.predict_features(cpu_enc.encode_uncached(check), check).argmax(1)
+            res.setdefault("same_choice_as_cpu", {})[name] = float(same.mean())
         uses_minilm = "minilm" in json.dumps(r.config_json().get("encoder")) or r.key in ("ensemble", "partition")
         r.predict([prompt(base - 1)])  # warm-up (first call builds lazy state)
         end, raw = [], []
@@ -291,11 +309,15 @@ def main() -> None:
     ap.add_argument("--routellm-routers", default="knn,logreg,mf,partition,random")
     ap.add_argument("--routellm-tables", default="gsm8k,mmlu", help="comma-separated subset of gsm8k,mmlu")
     ap.add_argument("--only", default="", help="comma-separated router names of the quality table (e.g. 'best-single,partition')")
+    ap.add_argument("--latency-n", type=int, default=60, help="timed single-prompt calls per router")
+    ap.add_argument("--device", default="cpu", help="where MiniLM runs in the latency part: cpu, cuda, auto")
+    ap.add_argument("--minilm", default="zoo:minilm-l6", help="sentence-transformers directory for the latency part (default: the zoo's MiniLM)")
+    ap.add_argument("--table", default=None, help="LLMRouter train.json for the latency part (default: ../shared/data/routing/llmrouter/train.json)")
     ap.add_argument("--out", default="runs/bench-routers.json")
     a = ap.parse_args()
     out: dict = {}
     if not a.skip_latency:
-        out["latency"] = latency()
+        out["latency" if a.device == "cpu" else f"latency_{a.device}"] = latency(a.latency_n, device=a.device, minilm_model=a.minilm, table_path=a.table)
     if a.core:
         out["quality_core"] = quality_core(a.seeds)
     elif not a.skip_quality:

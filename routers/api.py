@@ -13,16 +13,18 @@ from routers.metrics import Evaluation, evaluate, plot_curve
 from routers.table import RoutingTable, load_tables
 
 
-def train_router(data: Sequence[str], router: str, out: str | os.PathLike[str], options: dict[str, Any] | None = None, test_size: float = 0.0, seed: int = 0) -> tuple[Router, RoutingTable | None]:
+def train_router(data: Sequence[str], router: str, out: str | os.PathLike[str], options: dict[str, Any] | None = None, test_size: float = 0.0, seed: int = 0, device: str = "cpu") -> tuple[Router, RoutingTable | None]:
     """Train ``router`` on the tables ``data`` (paths or shorthands) and save it to ``out``.
 
     With ``test_size > 0`` a stratified share of queries is held out; it is returned
-    (and its query ids written to ``out/heldout_ids.txt``) for an honest ``eval``."""
+    (and its query ids written to ``out/heldout_ids.txt``) for an honest ``eval``.
+    ``device`` runs the neural encoders (and the bert router's fine-tuning) there."""
     table = load_tables(data)
     held: RoutingTable | None = None
     if test_size > 0:
         table, held = table.split(test_size, seed)
     r = make_router(router, seed=seed, **(options or {}))
+    r.to(device)
     r.fit(table)
     r.meta.update({"train_queries": len(table), "train_sources": [str(d) for d in data], "train_mean_scores": [float(x) for x in table.scores.mean(axis=0)], "train_mean_costs": [float(x) for x in table.costs.mean(axis=0)]})
     if held is not None:
@@ -45,9 +47,9 @@ def heldout_part(router_dir: str | os.PathLike[str], table: RoutingTable) -> Rou
     return table.subset(idx) if idx else table
 
 
-def evaluate_router(router_dir: str | os.PathLike[str], data: Sequence[str], plot: str | None = None, heldout: bool = True, n_boot: int = 1000) -> Evaluation:
+def evaluate_router(router_dir: str | os.PathLike[str], data: Sequence[str], plot: str | None = None, heldout: bool = True, n_boot: int = 1000, device: str = "cpu") -> Evaluation:
     """Load a router, score it on ``data`` (its held-out part when recorded), optionally plot the curve."""
-    r = Router.load(router_dir)
+    r = Router.load(router_dir).to(device)
     table = load_tables(data)
     if heldout:
         table = heldout_part(router_dir, table)
@@ -66,13 +68,11 @@ def evaluate_router(router_dir: str | os.PathLike[str], data: Sequence[str], plo
     return ev
 
 
-def ask(router_dir: str | os.PathLike[str], prompt: str, policy: Any = None) -> dict[str, Any]:
+def ask(router_dir: str | os.PathLike[str], prompt: str, policy: Any = None, device: str = "cpu") -> dict[str, Any]:
     """Route one prompt: the chosen expert, every expert's predicted score and the reason."""
-    from routers.policies import make_policy
+    from routers.policies import annotate, make_policy
 
-    from routers.policies import annotate
-
-    r = Router.load(router_dir)
+    r = Router.load(router_dir).to(device)
     pred, notes = r.explain([prompt])
     pol = make_policy(policy, r.experts, r.meta.get("train_mean_costs"))
     d = pol.decide(pred, r.experts, np.asarray(r.meta["train_mean_costs"]) if "train_mean_costs" in r.meta else None)[0]

@@ -151,6 +151,22 @@ class Router:
         prompts = list(prompts)
         return self.predict(prompts), [None] * len(prompts)
 
+    def children(self) -> list["Router"]:
+        """Routers this one delegates to (an ensemble's members, a guard's base)."""
+        return []
+
+    def to(self, device: str) -> "Router":
+        """Run every neural encoder of this router (and of its children) on ``device``:
+        'cpu', 'cuda', 'cuda:N', 'mps' or 'auto'. The routers' own heads stay NumPy."""
+        from routers.encoders import check_device
+
+        device = check_device(device)
+        if self.encoder is not None and hasattr(self.encoder, "to"):
+            self.encoder.to(device)
+        for child in self.children():
+            child.to(device)
+        return self
+
     # ------------------------------------------------------------ artefacts
     def _state(self) -> dict[str, np.ndarray]:
         return {}

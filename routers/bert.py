@@ -60,9 +60,23 @@ class BertRouter(Router):
         self._trained_prefixes = tuple(f"encoder.layer.{i}." for i in range(n_layers - k, n_layers))
         for name, p in self.model.named_parameters():
             p.requires_grad = name.startswith(self._trained_prefixes)
+        self.model.to(self._device)
+        self.head.to(self._device)
+
+    _device = "cpu"
+
+    def to(self, device: str) -> "BertRouter":
+        """Fine-tune and predict on ``device`` (call before ``fit`` to train there)."""
+        from routers.encoders import check_device
+
+        self._device = check_device(device)
+        if getattr(self, "model", None) is not None:
+            self.model.to(self._device)
+            self.head.to(self._device)
+        return self
 
     def _logits(self, prompts: list[str]) -> Any:
-        enc = self.tokenizer(prompts, padding=True, truncation=True, max_length=self.config.max_length, return_tensors="pt")
+        enc = self.tokenizer(prompts, padding=True, truncation=True, max_length=self.config.max_length, return_tensors="pt").to(self._device)
         out = self.model(**enc).last_hidden_state  # (B, T, H)
         mask = enc["attention_mask"].unsqueeze(-1).to(out.dtype)  # (B, T, 1)
         pooled = (out * mask).sum(1) / mask.sum(1).clamp(min=1.0)  # (B, H)
@@ -75,7 +89,7 @@ class BertRouter(Router):
         self._build()
         params = [p for p in self.model.parameters() if p.requires_grad]
         opt = torch.optim.AdamW([{"params": params, "lr": self.config.lr}, {"params": self.head.parameters(), "lr": self.config.head_lr}], weight_decay=0.01)
-        y = torch.as_tensor(table.scores, dtype=torch.float32)
+        y = torch.as_tensor(table.scores, dtype=torch.float32, device=self._device)
         loss_fn = torch.nn.BCEWithLogitsLoss()
         g = torch.Generator().manual_seed(self.config.seed)
         self.model.train()
@@ -95,12 +109,12 @@ class BertRouter(Router):
         out = []
         with torch.inference_mode():
             for start in range(0, len(prompts), 64):
-                out.append(torch.sigmoid(self._logits(prompts[start : start + 64])).numpy())
+                out.append(torch.sigmoid(self._logits(prompts[start : start + 64])).float().cpu().numpy())
         return np.concatenate(out).astype(np.float64)
 
     def _state(self) -> dict[str, np.ndarray]:
-        st = {f"model.{k}": v.detach().numpy() for k, v in self.model.state_dict().items() if k.startswith(self._trained_prefixes)}
-        st.update({f"head.{k}": v.detach().numpy() for k, v in self.head.state_dict().items()})
+        st = {f"model.{k}": v.detach().cpu().numpy() for k, v in self.model.state_dict().items() if k.startswith(self._trained_prefixes)}
+        st.update({f"head.{k}": v.detach().cpu().numpy() for k, v in self.head.state_dict().items()})
         return st
 
     def _load_state(self, t: dict[str, np.ndarray]) -> None:

@@ -12,6 +12,9 @@ route_app = typer.Typer(help="Learned query routers: train on routing tables, ev
 _DATA_HELP = "A routing table: a canonical .jsonl, or a shorthand: llmrouter, routellm-mmlu, routellm-gsm8k (repeatable)."
 
 
+_DEVICE_HELP = "Where the router's neural encoder runs: cpu, cuda, cuda:N, mps or auto (CUDA when present)."
+
+
 def _parse_options(options: list[str] | None) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for o in options or []:
@@ -35,11 +38,12 @@ def train(
     option: Annotated[Optional[list[str]], typer.Option("--option", "-o", help="Router option KEY=VALUE, e.g. -o k=40 -o encoder=tfidf (repeatable).")] = None,
     test_size: Annotated[float, typer.Option(help="Hold out this share of queries (stratified by task) for `route eval`.")] = 0.0,
     seed: Annotated[int, typer.Option(help="Seed for the split and training.")] = 0,
+    device: Annotated[str, typer.Option(help=_DEVICE_HELP)] = "cpu",
 ) -> None:
     """Train a router on one or more routing tables and save it as config.json + safetensors."""
     from routers.api import train_router
 
-    r, held = train_router(data, router, out, _parse_options(option), test_size=test_size, seed=seed)
+    r, held = train_router(data, router, out, _parse_options(option), test_size=test_size, seed=seed, device=device)
     msg = f"trained {r.key} router on {r.meta['train_queries']} queries, experts: {', '.join(r.experts)} -> {out}"
     if held is not None:
         msg += f" ({len(held)} held out for eval)"
@@ -53,11 +57,12 @@ def evaluate(
     plot: Annotated[Optional[str], typer.Option("--plot", help="Write the cost-quality curve to this PNG.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object instead of a table.")] = False,
     all_rows: Annotated[bool, typer.Option("--all", help="Score every row, not only the queries held out at training time.")] = False,
+    device: Annotated[str, typer.Option(help=_DEVICE_HELP)] = "cpu",
 ) -> None:
     """Score a router: each expert, best single, random at equal cost, oracles, the router (95% intervals)."""
     from routers.api import evaluate_router
 
-    ev = evaluate_router(router, data, plot=plot, heldout=not all_rows)
+    ev = evaluate_router(router, data, plot=plot, heldout=not all_rows, device=device)
     d = ev.to_json()
     if as_json:
         typer.echo(json.dumps(d, sort_keys=True))
@@ -95,6 +100,7 @@ def ask(
     prompt: Annotated[str, typer.Argument(help="The prompt to route.")],
     policy: Annotated[str, typer.Option(help="'best', or 'cost:LAMBDA' (quality - lambda x the experts' mean training cost).")] = "best",
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+    device: Annotated[str, typer.Option(help=_DEVICE_HELP)] = "cpu",
 ) -> None:
     """Route one prompt: the chosen expert, every expert's predicted score and why."""
     from routers.api import ask as ask_fn
@@ -102,7 +108,7 @@ def ask(
     pol: Any = policy
     if policy.startswith("cost:"):
         pol = {"type": "cost", "lambda": float(policy.split(":", 1)[1])}
-    res = ask_fn(router, prompt, pol)
+    res = ask_fn(router, prompt, pol, device=device)
     if as_json:
         typer.echo(json.dumps(res))
         return

@@ -111,10 +111,11 @@ class MiniLMEncoder:
 
     name = "minilm"
 
-    def __init__(self, model: str = "zoo:minilm-l6", batch_size: int = 64, max_seq_length: int = 256, cache: bool = True) -> None:
+    def __init__(self, model: str = "zoo:minilm-l6", batch_size: int = 64, max_seq_length: int = 256, cache: bool = True, device: str = "cpu") -> None:
         self.model_ref = model
         self.batch_size = batch_size
         self.max_seq_length = max_seq_length
+        self.device = check_device(device)
         self._model: Any = None
         self._cache = EmbeddingCache(f"minilm-l6-{max_seq_length}" if model == "zoo:minilm-l6" else hashlib.sha256(model.encode()).hexdigest()[:16]) if cache else None
         self.dim = 384
@@ -137,10 +138,18 @@ class MiniLMEncoder:
             os.environ.setdefault("HF_HUB_OFFLINE", "1")
             from sentence_transformers import SentenceTransformer
 
-            self._model = SentenceTransformer(str(self._path()), device="cpu")
+            self._model = SentenceTransformer(str(self._path()), device=self.device)
             self._model.max_seq_length = self.max_seq_length
             self.dim = int(self._model.get_embedding_dimension() or 384)
         return self._model
+
+    def to(self, device: str) -> "MiniLMEncoder":
+        """Run the forward pass on ``device`` ('cpu', 'cuda', 'cuda:1', 'mps' or 'auto').
+        Vectors stay float32 NumPy arrays and share the same cache."""
+        self.device = check_device(device)
+        if self._model is not None:
+            self._model.to(self.device)
+        return self
 
     def encode_uncached(self, texts: Sequence[str]) -> np.ndarray:
         """The raw sentence-transformers forward pass, no cache: (n, 384) float32."""
@@ -173,6 +182,29 @@ class MiniLMEncoder:
 
     def config(self) -> dict[str, Any]:
         return {"type": "minilm", "model": self.model_ref, "max_seq_length": self.max_seq_length}
+
+
+def check_device(device: str) -> str:
+    """A torch device string that this machine has; 'auto' picks CUDA when present, else the CPU."""
+    import torch
+
+    d = str(device or "cpu").strip()
+    if d == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        dev = torch.device(d)
+    except RuntimeError as e:
+        raise CollabError(f"encoder: device: expected 'cpu', 'cuda', 'cuda:N', 'mps' or 'auto', found {device!r}") from e
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise CollabError(f"encoder: device {d!r}: this torch build sees no CUDA device (use 'cpu' or 'auto')")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise CollabError(f"encoder: device {d!r}: only {torch.cuda.device_count()} CUDA device(s) here")
+    elif dev.type == "mps" and not torch.backends.mps.is_available():
+        raise CollabError(f"encoder: device {d!r}: MPS is not available here")
+    elif dev.type not in ("cpu", "cuda", "mps"):
+        raise CollabError(f"encoder: device: expected 'cpu', 'cuda', 'cuda:N', 'mps' or 'auto', found {device!r}")
+    return d
 
 
 class TfidfEncoder:
@@ -292,6 +324,12 @@ class ConcatEncoder:
 
     def encode(self, texts: Sequence[str]) -> np.ndarray:
         return np.concatenate([p.encode(texts) for p in self.parts], axis=1)
+
+    def to(self, device: str) -> "ConcatEncoder":
+        for p in self.parts:
+            if hasattr(p, "to"):
+                p.to(device)
+        return self
 
     def config(self) -> dict[str, Any]:
         return {"type": "concat", "parts": [p.config() for p in self.parts]}

@@ -397,6 +397,9 @@ class GuardedRouter(Router):
         c = self.config
         c.grid_quantiles, c.grid_statistic = tuple(c.grid_quantiles), tuple(c.grid_statistic)
 
+    def children(self) -> list[Router]:
+        return [self.base] if self.base is not None else []
+
     def _save_extra(self, directory: Path) -> None:
         assert self.base is not None
         self.base.save(directory / "base")

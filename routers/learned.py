@@ -460,6 +460,9 @@ class EnsembleRouter(Router):
         preds = [m.predict(prompts) for m in self.members]
         return np.einsum("m,mne->ne", self._weights(), np.stack(preds))
 
+    def children(self) -> list[Router]:
+        return list(self.members)
+
     def _save_extra(self, directory: Path) -> None:
         for i, m in enumerate(self.members):
             m.save(directory / f"member{i}")

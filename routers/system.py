@@ -23,6 +23,7 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 
+from collab.errors import CollabError
 from collab.system import BaseSystem, Completion, GenerationRequest, StreamChunk
 from routers.policies import CascadePolicy, Decision, Policy, annotate, make_policy
 
@@ -197,7 +198,7 @@ def answer_confidence(expert: Any, request: GenerationRequest, completion: Compl
 class RoutedSystemType:
     """``type: route`` in a spec: validates the router directory and the experts, builds a RoutedSystem."""
 
-    keys = {"type", "router", "experts", "policy", "last_turn_only", "fallback", "names"}
+    keys = {"type", "router", "experts", "policy", "last_turn_only", "fallback", "names", "device"}
 
     def validate(self, spec: Any, name: str, config: dict[str, Any]) -> None:
         kp = f"systems.{name}"
@@ -223,6 +224,13 @@ class RoutedSystemType:
         for e in experts:
             if e not in router_experts:
                 raise spec.error(f"{kp}.experts", f"expert '{e}' is not one the router was trained on ({', '.join(router_experts) or 'none'})")
+        if "device" in config:
+            from routers.encoders import check_device
+
+            try:
+                check_device(config["device"])
+            except CollabError as e:
+                raise spec.error(f"{kp}.device", str(e)) from e
         for key in ("last_turn_only", "fallback"):
             if key in config and not isinstance(config[key], bool):
                 raise spec.error(f"{kp}.{key}", f"expected true or false, found {config[key]!r}")
@@ -234,7 +242,7 @@ class RoutedSystemType:
     def build(self, spec: Any, name: str, config: dict[str, Any]) -> RoutedSystem:
         from routers.base import Router
 
-        router = Router.load(spec.resolve_path(config["router"]))
+        router = Router.load(spec.resolve_path(config["router"])).to(str(config.get("device", "cpu")))
         names = config.get("names") or {}
         spec_names = [names.get(e, e) for e in router.experts]
         experts = {e: spec.system(e) for e in spec_names}

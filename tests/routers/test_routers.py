@@ -6,6 +6,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from collab.errors import CollabError
 from routers.base import REGISTRY, Router, RouterError, make_router, router_names
 from routers.metrics import evaluate
 from routers.table import RoutingTable
@@ -102,6 +103,29 @@ def test_minilm_encoder_caches_by_content(tmp_path: Path, monkeypatch: pytest.Mo
     np.testing.assert_allclose(b, a[::-1], atol=1e-6)
     assert fresh._model is None  # served from disk, the model never loaded
     np.testing.assert_allclose(enc.encode_uncached(texts[:2]), a[:2], atol=1e-5)
+
+
+def test_to_device_reaches_every_encoder(synth_table: RoutingTable) -> None:
+    import torch
+
+    from routers.encoders import ConcatEncoder, MiniLMEncoder, TfidfEncoder
+    from routers.guard import GuardedRouter
+    from routers.learned import EnsembleRouter
+
+    knn, sub = make_router("knn"), make_router("subject")
+    knn.encoder = MiniLMEncoder(cache=False)
+    sub.encoder = ConcatEncoder([MiniLMEncoder(cache=False), TfidfEncoder()])
+    guard = GuardedRouter(base=EnsembleRouter(members=[knn, sub]))
+    guard.encoder = MiniLMEncoder(cache=False)
+    assert guard.to("auto") is guard
+    want = "cuda" if torch.cuda.is_available() else "cpu"
+    assert [guard.encoder.device, knn.encoder.device, sub.encoder.parts[0].device] == [want] * 3
+    with pytest.raises(CollabError, match="expected 'cpu', 'cuda', 'cuda:N', 'mps' or 'auto', found 'tpu'"):
+        knn.to("tpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(CollabError, match="'cuda:0': this torch build sees no CUDA device"):
+            guard.to("cuda:0")
+        assert knn.encoder.device == "cpu"  # a refused move changes nothing
 
 
 @pytest.mark.slow
