@@ -392,22 +392,25 @@ class Expert(BaseSystem):
         for i, r in enumerate(requests):
             key = (float(r.temperature), float(r.top_p), r.seed)
             groups.setdefault(key, []).append(i)
+        encoded: dict[int, list[int]] = {}
         for idx in groups.values():
             if len(idx) > self.batch_size:  # similar lengths share a batch: less padding to compute
-                lengths = {i: len(self.encode(requests[i])) for i in idx}
-                idx.sort(key=lambda i: lengths[i])
+                encoded.update((i, self.encode(requests[i])) for i in idx)
+                idx.sort(key=lambda i: len(encoded[i]))
             for start in range(0, len(idx), self.batch_size):
                 chunk = idx[start : start + self.batch_size]
-                for i, c in zip(chunk, self._generate_padded([requests[i] for i in chunk])):
+                done = self._generate_padded([requests[i] for i in chunk], [encoded.get(i) for i in chunk])
+                for i, c in zip(chunk, done):
                     results[i] = c
         return [c for c in results if c is not None]
 
-    def _generate_padded(self, requests: list[GenerationRequest]) -> list[Completion]:
+    def _generate_padded(self, requests: list[GenerationRequest], known: list[list[int] | None]) -> list[Completion]:
+        """One padded ``generate`` call; ``known`` holds prompt ids already encoded (or None)."""
         import torch
 
         if len(requests) == 1:
             return [self.generate(requests[0])]
-        encoded = [self.encode(r) for r in requests]
+        encoded = [k if k is not None else self.encode(r) for r, k in zip(requests, known)]
         width = max(len(e) for e in encoded)
         pad = self.tokenizer.pad_token_id
         input_ids = torch.tensor([[pad] * (width - len(e)) + e for e in encoded], device=self.device)
@@ -622,8 +625,10 @@ class Expert(BaseSystem):
 
     @property
     def _cache_arg(self) -> str:
-        params = inspect.signature(self.model.forward).parameters
-        return "cache" if "cache" in params else "past_key_values"
+        if getattr(self, "_cache_arg_name", None) is None:
+            params = inspect.signature(self.model.forward).parameters
+            self._cache_arg_name = "cache" if "cache" in params else "past_key_values"
+        return self._cache_arg_name
 
 
 def _apply_adapter(model: Any, adapter_dir: Path) -> Any:
