@@ -25,6 +25,7 @@ from collab.packing import PackedBatch, PackedRow, pack_rows
 from collab.system import BaseSystem, Completion, GenerationRequest, Message, StreamChunk, Usage
 
 if TYPE_CHECKING:
+    import numpy as np
     import torch
 
 #: Prompt format for models whose tokenizer has no chat template (e.g. Gemma-3-270M
@@ -622,6 +623,15 @@ class Expert(BaseSystem):
         if not hasattr(out, "past_key_values") and hasattr(out, "cache"):
             out.past_key_values = out.cache
         return out
+
+    def embed(self, texts: Sequence[str], layers: Sequence[int], max_tokens: int = 256, batch_size: int = 16) -> "np.ndarray":
+        """(n, len(layers) x hidden) float32: each text's hidden states at ``layers``
+        (1-based decoder layers, the last one after the final norm), averaged over its
+        first ``max_tokens`` tokens; the pass stops after the deepest layer asked for."""
+        from collab.embedding import pooled_hidden_states
+
+        with self._lock:
+            return pooled_hidden_states(self.model, self.tokenizer, list(texts), layers, max_tokens, batch_size)
 
     @property
     def _cache_arg(self) -> str:

@@ -76,7 +76,7 @@ class RouterConfig:
     """Fields every router config has."""
 
     encoder: str = "minilm"
-    """Text encoder: 'minilm', 'tfidf' or 'minilm+tfidf'."""
+    """Text encoder: 'minilm', 'tfidf', 'lm' (a causal LM's pooled hidden states), or several joined by '+'."""
     seed: int = 0
     """Seed for anything random in training."""
 
