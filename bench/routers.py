@@ -8,6 +8,10 @@ Leave-one-task-out with the out-of-distribution guard next to the plain ensemble
     .venv/bin/python bench/routers.py --skip-quality --skip-routellm --skip-latency \
         --loto-routers ensemble,guarded,guarded:mode=hard:select=false:statistic=similarity:low=0.3:high=0.3
 
+and with the guard calibrated for the worst held-out training task:
+
+    .venv/bin/python bench/routers.py --skip-quality --skip-routellm --skip-latency --loto-routers ensemble,guarded:objective=minimax
+
 Prints Markdown tables (results for docs/benchmarks.md) and writes them to
 runs/bench-routers.json.
 """
@@ -38,6 +42,8 @@ ROUTERS = {
     "random": ("random", {}),
     "knn (tfidf, k=10)": ("knn", {"encoder": "tfidf", "k": 10, "weighting": "uniform"}),
     "knn (minilm, k=100)": ("knn", {}),
+    # MiniLM next to SmolLM2-135M's mean-pooled hidden states at layers 7 and 30 (routers/encoders.py LMEncoder).
+    "knn (minilm+lm, k=100)": ("knn", {"encoder": "minilm+lm"}),
     "logreg (minilm)": ("logreg", {"encoder": "minilm"}),
     "mlp (minilm)": ("mlp", {"encoder": "minilm"}),
     "mf (minilm)": ("mf", {}),
@@ -48,6 +54,7 @@ ROUTERS = {
     # The out-of-distribution guard (routers/guard.py) around the ensemble: calibrated on the
     # training table (inner leave-one-training-task-out + 5-fold), and one fixed setting.
     "guarded ensemble": ("guarded", {}),
+    "guarded ensemble (minimax)": ("guarded", {"objective": "minimax"}),
     "guarded ensemble (hard similarity q0.3 fixed)": ("guarded", {"mode": "hard", "select": False, "statistic": "similarity", "low": 0.3, "high": 0.3}),
 }
 
@@ -308,7 +315,7 @@ def main() -> None:
     ap.add_argument("--loto-routers", default="ensemble,partition")
     ap.add_argument("--routellm-routers", default="knn,logreg,mf,partition,random")
     ap.add_argument("--routellm-tables", default="gsm8k,mmlu", help="comma-separated subset of gsm8k,mmlu")
-    ap.add_argument("--only", default="", help="comma-separated router names of the quality table (e.g. 'best-single,partition')")
+    ap.add_argument("--only", default="", help="router names of the quality table, joined by ',' (or by ';' when a name holds a comma), e.g. 'best-single,partition'")
     ap.add_argument("--latency-n", type=int, default=60, help="timed single-prompt calls per router")
     ap.add_argument("--device", default="cpu", help="where MiniLM runs in the latency part: cpu, cuda, auto")
     ap.add_argument("--minilm", default="zoo:minilm-l6", help="sentence-transformers directory for the latency part (default: the zoo's MiniLM)")
@@ -321,7 +328,7 @@ def main() -> None:
     if a.core:
         out["quality_core"] = quality_core(a.seeds)
     elif not a.skip_quality:
-        out["quality"] = quality(a.seeds, a.bert, [x for x in a.only.split(",") if x])
+        out["quality"] = quality(a.seeds, a.bert, [x for x in a.only.split(";" if ";" in a.only else ",") if x])
     if not a.skip_loto:
         out["loto"] = loto(routers=tuple(a.loto_routers.split(",")))
     if not a.skip_routellm:

@@ -180,6 +180,8 @@ def _summary(groups: dict[str, dict[str, float]], z: float) -> dict[str, Any]:
         upper[g] = {"delta": m, "upper": m + z * float(np.sqrt(var / max(v["n"] - 1, 1))), "guarded_share": v["guarded"] / v["n"]}
     out["groups"] = upper
     out["worst_upper"] = min(u["upper"] for u in upper.values())
+    task_out = [u["delta"] for g, u in upper.items() if g.startswith("task_out:")] or [u["delta"] for u in upper.values()]
+    out["worst_task_delta"] = min(task_out)
     return out
 
 
@@ -189,15 +191,20 @@ def choose(grid: dict[Candidate, dict[str, dict[str, float]]], objective: str, z
     candidates under which no calibration group (held-out training task, or the
     in-distribution folds) loses significantly against its fixed expert (upper bound of
     the z-interval of the mean difference >= 0); if none qualifies, the one whose worst
-    group comes closest. Ties go to the least intervention ('off', then low quantiles)."""
-    if objective not in ("mean", "safe"):
-        raise RouterError(f"guarded: objective: expected 'mean' or 'safe', found {objective!r}")
+    group comes closest. 'minimax': the candidate whose worst held-out training task does
+    best against its fixed expert (mean difference, to 4 decimals), then the highest mean:
+    robust to the one unseen task that is unlike the rest. Ties go to the least
+    intervention ('off', then low quantiles)."""
+    if objective not in ("mean", "safe", "minimax"):
+        raise RouterError(f"guarded: objective: expected 'mean', 'safe' or 'minimax', found {objective!r}")
     summ = {k: _summary(v, z) for k, v in grid.items()}
 
     def rank(k: Candidate) -> tuple:
         tie = (k[0] == "off", -k[2], -k[1])
         if objective == "mean":
             return (round(summ[k]["score"], 12), *tie)
+        if objective == "minimax":
+            return (round(summ[k]["worst_task_delta"], 4), round(summ[k]["score"], 12), *tie)
         ok = summ[k]["worst_upper"] >= 0
         return (ok, round(summ[k]["score"], 12) if ok else round(summ[k]["worst_upper"], 12), *tie)
 
@@ -233,7 +240,8 @@ class GuardedRouterConfig(RouterConfig):
     """Leave-one-training-task-out part of the calibration (needs at least two tasks)."""
     objective: str = "safe"
     """'safe': the best calibration score among candidates with no significant loss on any
-    held-out training task; 'mean': the best calibration score."""
+    held-out training task; 'minimax': the best worst held-out training task; 'mean': the
+    best calibration score."""
     z: float = 1.96
     """Width of the 'safe' test (1.96: 95% two-sided)."""
     calibrate_with: str = ""

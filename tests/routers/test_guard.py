@@ -142,7 +142,25 @@ def test_selection_guards_only_when_held_out_tasks_lose() -> None:
     best, _ = choose(evaluate_candidates(_records(+0.1), cands), "safe")
     assert best == ("off", 0.0, 0.0)
     with pytest.raises(RouterError, match="objective"):
-        choose(evaluate_candidates(_records(0.1), cands), "minimax")
+        choose(evaluate_candidates(_records(0.1), cands), "worst")
+
+
+def test_minimax_guards_against_a_small_loss_that_safe_accepts() -> None:
+    """Held-out task a loses 0.02 (noisily: not significant) on its low-similarity half, task b
+    gains 0.1 there: 'safe' keeps the router (no significant loss, best mean), 'minimax'
+    gives up b's gain to bring a's worst case to zero."""
+    recs = []
+    for group, low_gain, spread in (("task_out:a", -0.02, 0.4), ("task_out:b", 0.1, 0.0), ("in_dist", 0.2, 0.0)):
+        n = 400
+        stat = np.linspace(0.0, 1.0, n) if group != "in_dist" else np.linspace(0.6, 1.0, n)
+        y = np.full((n, 2), 0.5)
+        # +-spread on alternate rows: a's mean loss is real but its interval crosses zero
+        y[:, 1] = 0.5 + np.where(stat < 0.5, low_gain, 0.0 if group != "in_dist" else 0.2) + spread * (-1.0) ** np.arange(n)
+        recs.append({"group": group, "y": y, "pred": np.tile([0.4, 0.6], (n, 1)), "means": np.array([0.6, 0.5]), "stats": {"similarity": (stat, np.linspace(0.4, 1.0, 1000))}})
+    grid = evaluate_candidates(recs, candidates([0.05, 0.2, 0.5], "hard"))
+    assert choose(grid, "safe")[0] == ("off", 0.0, 0.0)
+    best, _ = choose(grid, "minimax")
+    assert best == ("similarity", 0.2, 0.2)
 
 
 def test_ask_and_trace_explain_the_fallback(tmp_path: Path) -> None:
