@@ -57,6 +57,28 @@ def test_gemma_uses_plain_format_and_answers(gemma: Any) -> None:
     assert gemma.loglikelihood("The capital of France is", " Paris") > gemma.loglikelihood("The capital of France is", " Berlin")
 
 
+@pytest.mark.parametrize("which", ["smol", "gemma"])
+def test_embed_equals_hf_hidden_states_and_separates_topics(which: str, smol: Any, gemma: Any) -> None:
+    import numpy as np
+    import torch
+
+    e = {"smol": smol, "gemma": gemma}[which]
+    texts = ["Solve for x: 3x + 5 = 20.", "What is 7 times 8 minus 6?", "Write a Python function that reverses a list.", "def add(a, b): return a + b"]
+    n = len(e.model.base_model.layers)
+    got = e.embed(texts, [2, n])
+    h = got.shape[1] // 2
+    ids = torch.tensor([e.tokenizer(texts[0])["input_ids"]])
+    with torch.inference_mode():
+        hs = e.model.base_model(input_ids=ids, output_hidden_states=True).hidden_states
+    np.testing.assert_allclose(got[0, :h], hs[2][0].mean(0).numpy(), rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(got[0, h:], hs[n][0].mean(0).numpy(), rtol=1e-4, atol=1e-4)
+    # Centred last-layer vectors: the two maths prompts are closer to each other than to the code prompts.
+    z = got[:, h:] - got[:, h:].mean(0)
+    z /= np.linalg.norm(z, axis=1, keepdims=True)
+    sim = z @ z.T
+    assert sim[0, 1] > max(sim[0, 2], sim[0, 3]) and sim[2, 3] > max(sim[2, 0], sim[2, 1])
+
+
 class TestSmolContract(SystemContract):
     @pytest.fixture
     def system(self, smol: Any) -> Any:
