@@ -193,6 +193,9 @@ class MiniLMEncoder:
         return {"type": "minilm", "model": self.model_ref, "max_seq_length": self.max_seq_length}
 
 
+_LM_EXPERTS: dict[tuple[str, str], Any] = {}
+
+
 class LMEncoder:
     """Mean-pooled hidden states of a causal LM at chosen layers (default: the zoo's
     SmolLM2-135M at layers 7 and 30), each layer's block centred on the training
@@ -220,15 +223,18 @@ class LMEncoder:
     def expert(self) -> Any:
         """The collab Expert whose hidden states are pooled (loaded on first use)."""
         if self._expert is None:
-            from collab.experts import Expert
+            key = (self.model_ref, self.device)
+            if key not in _LM_EXPERTS:  # routers and their refits share one loaded model
+                from collab.experts import Expert
 
-            self._expert = Expert.load(self.model_ref, device=self.device)
+                _LM_EXPERTS[key] = Expert.load(self.model_ref, device=self.device)
+            self._expert = _LM_EXPERTS[key]
         return self._expert
 
     def to(self, device: str) -> "LMEncoder":
-        self.device = check_device(device)
-        if self._expert is not None:
-            self._expert.model.to(self.device)
+        device = check_device(device)
+        if device != self.device:
+            self.device, self._expert = device, None  # the shared model for that device loads on next use
         return self
 
     def encode_uncached(self, texts: Sequence[str]) -> np.ndarray:
@@ -274,9 +280,11 @@ class LMEncoder:
 
 def check_device(device: str) -> str:
     """A torch device string that this machine has; 'auto' picks CUDA when present, else the CPU."""
+    d = str(device or "cpu").strip()
+    if d == "cpu":
+        return d  # without importing torch: a router served from the embedding cache never needs it
     import torch
 
-    d = str(device or "cpu").strip()
     if d == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     try:
@@ -473,7 +481,7 @@ def make_encoder(spec: str | dict[str, Any]) -> Any:
 
 
 def encoder_state(enc: Any) -> dict[str, np.ndarray]:
-    """The fitted arrays of an encoder (TF-IDF parts), for saving beside a router."""
+    """The fitted arrays of an encoder (its TF-IDF and lm parts), for saving beside a router."""
     if isinstance(enc, (TfidfEncoder, LMEncoder)):
         return enc.state()
     if isinstance(enc, ConcatEncoder):
