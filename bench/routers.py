@@ -55,6 +55,7 @@ ROUTERS = {
     # training table (inner leave-one-training-task-out + 5-fold), and one fixed setting.
     "guarded ensemble": ("guarded", {}),
     "guarded ensemble (minimax)": ("guarded", {"objective": "minimax"}),
+    "guarded knn minilm+lm (minimax)": ("guarded", {"objective": "minimax", "base": "knn:encoder=minilm+lm"}),
     "guarded ensemble (hard similarity q0.3 fixed)": ("guarded", {"mode": "hard", "select": False, "statistic": "similarity", "low": 0.3, "high": 0.3}),
 }
 
@@ -145,7 +146,8 @@ def loto(seed: int = 0, routers: tuple[str, ...] = ("ensemble", "partition")) ->
     """Train on every task but one, test on the held-out task. The reference is the expert
     that was best on the *training* tasks (what a fixed choice made without the task would
     do); 'test_best_single' (best on the held-out task itself) is shown for context.
-    Routers are 'key' or 'key:option=value:...' (e.g. 'guarded:base=ensemble'); every
+    Routers are 'key', 'key:option=value:...' (e.g. 'guarded:base=ensemble') or a name of
+    the quality table's ROUTERS (e.g. 'guarded knn minilm+lm (minimax)'); every
     router after the first is also compared with the first (paired, same queries)."""
     from routers.learned import parse_member
     from routers.metrics import bootstrap_ci, routed_scores
@@ -158,7 +160,8 @@ def loto(seed: int = 0, routers: tuple[str, ...] = ("ensemble", "partition")) ->
         fixed = te.scores[:, int(tr.scores.mean(0).argmax())]
         row: dict = {"task": task, "queries": len(te), "train_best_single": float(fixed.mean()), "test_best_single": float(te.scores.mean(0).max()), "oracle": float(te.scores.max(1).mean())}
         for spec in routers:
-            key, opts = parse_member(spec)
+            key, opts = ROUTERS[spec] if spec in ROUTERS else parse_member(spec)
+            opts = dict(opts)
             t0 = time.perf_counter()
             r = make_router(key, seed=seed, **opts).fit(tr)
             if key == "guarded":
@@ -330,7 +333,7 @@ def main() -> None:
     elif not a.skip_quality:
         out["quality"] = quality(a.seeds, a.bert, [x for x in a.only.split(";" if ";" in a.only else ",") if x])
     if not a.skip_loto:
-        out["loto"] = loto(routers=tuple(a.loto_routers.split(",")))
+        out["loto"] = loto(routers=tuple(a.loto_routers.split(";" if ";" in a.loto_routers else ",")))
     if not a.skip_routellm:
         out["routellm"] = routellm(a.seeds, tuple(a.routellm_routers.split(",")), tuple(a.routellm_tables.split(",")))
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)

@@ -200,7 +200,7 @@ class LMEncoder:
     """Mean-pooled hidden states of a causal LM at chosen layers (default: the zoo's
     SmolLM2-135M at layers 7 and 30), each layer's block centred on the training
     prompts' mean and L2-normalised. On LLMRouter, MiniLM plus these blocks gave kNN
-    22.9% of the gap against 17.0% for MiniLM alone (docs/benchmarks.md). The raw pooled
+    22.6% of the gap against 17.0% for MiniLM alone (docs/benchmarks.md). The raw pooled
     vectors are cached by content hash; the centre is fitted and saved with the router."""
 
     name = "lm"

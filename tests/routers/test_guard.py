@@ -110,6 +110,12 @@ def test_calibration_uses_training_folds_only_and_roundtrips(tmp_path: Path) -> 
     assert isinstance(back, GuardedRouter) and back.config.mode == g.config.mode and back.config.statistic == g.config.statistic
     np.testing.assert_allclose(back.predict(te.prompts + [FAR]), pred, atol=1e-6)
     np.testing.assert_array_equal(back.thresholds, g.thresholds)
+    # The minimax objective through fit: its choice is the grid row with the best worst held-out task.
+    mm = make_router("guarded", base="knn:encoder=tfidf:k=5", encoder="tfidf", k=5, folds=3, grid_quantiles=[0.05, 0.2], objective="minimax").fit(tr)
+    grid = mm.meta["guard"]["grid"]
+    assert mm.meta["guard"]["objective"] == "minimax"
+    assert grid[0]["worst_task_delta"] >= max(r["worst_task_delta"] for r in grid) - 5e-5  # ranked to 4 decimals
+    assert (mm.config.statistic, mm.config.low, mm.config.high) == (grid[0]["statistic"], grid[0]["low"], grid[0]["high"]) or grid[0]["statistic"] == "off"
 
 
 def _records(low_stat_gain: float) -> list[dict]:
