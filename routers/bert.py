@@ -46,6 +46,7 @@ class BertRouter(Router):
     config_cls = BertRouterConfig
     uses_encoder = False
     reference_url = "https://arxiv.org/abs/2406.18665"
+    _device = "cpu"
 
     def _build(self) -> None:
         import torch
@@ -62,8 +63,6 @@ class BertRouter(Router):
             p.requires_grad = name.startswith(self._trained_prefixes)
         self.model.to(self._device)
         self.head.to(self._device)
-
-    _device = "cpu"
 
     def to(self, device: str) -> "BertRouter":
         """Fine-tune and predict on ``device`` (call before ``fit`` to train there)."""
