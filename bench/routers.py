@@ -44,6 +44,9 @@ ROUTERS = {
     "knn (minilm, k=100)": ("knn", {}),
     # MiniLM next to SmolLM2-135M's mean-pooled hidden states at layers 7 and 30 (routers/encoders.py LMEncoder).
     "knn (minilm+lm, k=100)": ("knn", {"encoder": "minilm+lm"}),
+    # The same with Gemma-3-270M (18 layers) at the corresponding depths, 4 and 18, alone and beside SmolLM2.
+    "knn (minilm+lm gemma, k=100)": ("knn", {"encoder": "minilm+lm=zoo:gemma3-270m@4,18"}),
+    "knn (minilm+lm+lm gemma, k=100)": ("knn", {"encoder": "minilm+lm+lm=zoo:gemma3-270m@4,18"}),
     "logreg (minilm)": ("logreg", {"encoder": "minilm"}),
     "mlp (minilm)": ("mlp", {"encoder": "minilm"}),
     "mf (minilm)": ("mf", {}),
