@@ -319,6 +319,7 @@ def main() -> None:
     ap.add_argument("--skip-latency", action="store_true")
     ap.add_argument("--bert", action="store_true", help="also fine-tune the bert router (seed 0 only; slow on CPU)")
     ap.add_argument("--loto-routers", default="ensemble,partition")
+    ap.add_argument("--loto-seed", type=int, default=0, help="seed of the leave-one-task-out fits (in-distribution folds, bootstrap)")
     ap.add_argument("--routellm-routers", default="knn,logreg,mf,partition,random")
     ap.add_argument("--routellm-tables", default="gsm8k,mmlu", help="comma-separated subset of gsm8k,mmlu")
     ap.add_argument("--only", default="", help="router names of the quality table, joined by ',' (or by ';' when a name holds a comma), e.g. 'best-single,partition'")
@@ -336,7 +337,7 @@ def main() -> None:
     elif not a.skip_quality:
         out["quality"] = quality(a.seeds, a.bert, [x for x in a.only.split(";" if ";" in a.only else ",") if x])
     if not a.skip_loto:
-        out["loto"] = loto(routers=tuple(a.loto_routers.split(";" if ";" in a.loto_routers else ",")))
+        out["loto"] = loto(seed=a.loto_seed, routers=tuple(a.loto_routers.split(";" if ";" in a.loto_routers else ",")))
     if not a.skip_routellm:
         out["routellm"] = routellm(a.seeds, tuple(a.routellm_routers.split(",")), tuple(a.routellm_tables.split(",")))
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
