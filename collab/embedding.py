@@ -64,7 +64,7 @@ def pooled_hidden_states(model: Any, tokenizer: Any, texts: Sequence[str], layer
 
         return hook
 
-    handles = [blocks[i - 1].register_forward_hook(keep(i)) for i in set(want) | {deepest} if i < n_layers]
+    handles = [blocks[i - 1].register_forward_hook(keep(i)) for i in set(want) if i < n_layers]
     if n_layers in want:
         handles.append(norm.register_forward_hook(keep(n_layers)))
     try:
@@ -76,13 +76,14 @@ def pooled_hidden_states(model: Any, tokenizer: Any, texts: Sequence[str], layer
             for j, i in enumerate(rows):
                 x[j, : len(ids[i])] = torch.tensor(ids[i])
                 mask[j, : len(ids[i])] = 1
+            mask = mask.to(device)
             seen.clear()
             with torch.inference_mode():
                 try:
-                    base(input_ids=x.to(device), attention_mask=mask.to(device), use_cache=False)
+                    base(input_ids=x.to(device), attention_mask=mask, use_cache=False)
                 except _Stop:
                     pass
-                w = mask.to(device).unsqueeze(-1).float()
+                w = mask.unsqueeze(-1).float()
                 pooled = [((seen[layer].float() * w).sum(1) / w.sum(1)).cpu().numpy() for layer in want]
             out[rows] = np.concatenate(pooled, axis=1)
     finally:

@@ -104,6 +104,12 @@ class EmbeddingCache:
             self._loaded.add(name)
 
 
+def normalise_rows(x: np.ndarray) -> np.ndarray:
+    """float32 rows scaled to unit L2 norm (all-zero rows stay zero)."""
+    x = np.asarray(x, dtype=np.float32)
+    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+
+
 def cached_encode(cache: EmbeddingCache | None, texts: Sequence[str], compute: Any, dim: int, persist_min: int = 16) -> np.ndarray:
     """``compute(texts)`` for the texts ``cache`` lacks (each distinct text once), the
     rest from the cache: (n, dim) float32. Batches under ``persist_min`` new texts stay
@@ -257,7 +263,7 @@ class LMEncoder:
         if not len(z):
             return z
         blocks = np.split(z, len(self.layers), axis=1)
-        return np.concatenate([b / np.maximum(np.linalg.norm(b, axis=1, keepdims=True), 1e-12) for b in blocks], axis=1)
+        return np.concatenate([normalise_rows(b) for b in blocks], axis=1)
 
     def config(self) -> dict[str, Any]:
         return {"type": "lm", "model": self.model_ref, "layers": list(self.layers), "max_tokens": self.max_tokens}

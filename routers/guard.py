@@ -39,15 +39,10 @@ from typing import Any, Sequence
 import numpy as np
 
 from routers.base import Router, RouterConfig, RouterError, register_router
+from routers.encoders import normalise_rows
 from routers.table import RoutingTable, kfold_indices
 
 STATISTICS = ("similarity", "relative")
-
-
-def _normalise(x: np.ndarray) -> np.ndarray:
-    x = np.asarray(x, dtype=np.float32)
-    n = np.linalg.norm(x, axis=1, keepdims=True)
-    return x / np.maximum(n, 1e-12)
 
 
 def knn_similarity(q: np.ndarray, ref: np.ndarray, k: int, exclude_self: bool = False, chunk: int = 1024) -> tuple[np.ndarray, np.ndarray]:
@@ -80,14 +75,14 @@ class _Space:
 
     @classmethod
     def build(cls, x: np.ndarray, k: int) -> "_Space":
-        x = _normalise(x)
+        x = normalise_rows(x)
         if len(x) < 2:
             return cls(x, np.ones(len(x)), k)
         s, idx = knn_similarity(x, x, k, exclude_self=True)
         return cls(x, s, k, idx)
 
     def statistic(self, q: np.ndarray, kind: str) -> np.ndarray:
-        s, idx = knn_similarity(_normalise(q), self.x, self.k)
+        s, idx = knn_similarity(normalise_rows(q), self.x, self.k)
         if kind == "similarity":
             return s
         if kind == "relative":

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 from routers.base import Router, RouterConfig, RouterError, make_router
-from routers.guard import GuardedRouter, _normalise, candidates, choose, evaluate_candidates, guard_weight
+from routers.encoders import normalise_rows
+from routers.guard import GuardedRouter, candidates, choose, evaluate_candidates, guard_weight
 from routers.table import RoutingTable
 
 _MATH = ["add", "multiply", "divide", "subtract", "integral", "equation", "sum", "product"]
@@ -82,7 +83,7 @@ def test_threshold_is_a_quantile_of_the_training_statistic() -> None:
     base.experts = list(t.experts)
     g = _fixed_guard(tr, base, low=0.2, high=0.2)
     # Recompute independently: each training prompt's mean cosine to its 5 nearest *other* training prompts.
-    x = _normalise(g.encoder.encode(tr.prompts))
+    x = normalise_rows(g.encoder.encode(tr.prompts))
     s = x @ x.T
     np.fill_diagonal(s, -np.inf)
     own = np.sort(s, axis=1)[:, -5:].mean(axis=1)
