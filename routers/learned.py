@@ -99,6 +99,13 @@ class KNNRouterConfig(RouterConfig):
     """'uniform' or 'softmax' (weights exp(similarity / temperature))."""
     temperature: float = 0.05
     """Softmax temperature over cosine similarities."""
+    project: int = 0
+    """Supervised directions added to the similarity: this many PLS components of the
+    features that covary most with the training prompts' scores (each query's scores
+    centred, so the directions separate experts rather than easy from hard prompts).
+    0: plain cosine kNN."""
+    project_weight: float = 1.0
+    """Weight of the projected block against the (unit-norm) similarity features."""
 
 
 @register_router("knn")
@@ -109,14 +116,49 @@ class KNNRouter(Router):
     config_cls = KNNRouterConfig
     reference_url = "https://arxiv.org/abs/2403.12031"
 
+    proj_mean: np.ndarray | None = None
+    proj_rotation: np.ndarray | None = None
+
     def _fit(self, x: np.ndarray | None, table: RoutingTable) -> None:
         assert x is not None
-        self.train_x = x.astype(np.float32)
+        if self.config.project < 0 or self.config.project_weight < 0:
+            raise RouterError(f"knn: project and project_weight must be >= 0, found {self.config.project} and {self.config.project_weight}")
+        self.proj_mean = self.proj_rotation = None
+        if self.config.project:
+            self._fit_projection(x, table.scores)
+        self.train_x = self._metric(x)
         self.train_y = table.scores.astype(np.float32)
+
+    def _fit_projection(self, x: np.ndarray, scores: np.ndarray) -> None:
+        from sklearn.cross_decomposition import PLSRegression
+
+        centred = scores - scores.mean(axis=1, keepdims=True)
+        k = min(self.config.project, x.shape[1], len(x) - 1)
+        if k < 1:
+            raise RouterError(f"knn: project={self.config.project} needs at least 2 training prompts, found {len(x)}")
+        if not np.any(np.abs(centred) > 1e-12):
+            raise RouterError(f"knn: project={self.config.project}: every expert scores the same on each of the {len(x)} training prompts, so there is nothing to project on")
+        mean = x.astype(np.float64).mean(axis=0)
+        pls = PLSRegression(n_components=k, scale=False).fit(x - mean, centred)
+        self.proj_mean = mean.astype(np.float32)
+        self.proj_rotation = pls.x_rotations_.astype(np.float32)
+
+    def _metric(self, x: np.ndarray) -> np.ndarray:
+        """The vectors whose dot products are the similarities: the features as they are,
+        or with a projection, the unit-norm features beside the unit-norm projected
+        block times its weight."""
+        from routers.encoders import normalise_rows
+
+        x = x.astype(np.float32)
+        if self.proj_rotation is None:
+            return x
+        z = normalise_rows((x - self.proj_mean) @ self.proj_rotation) * np.float32(self.config.project_weight)
+        m = np.concatenate([normalise_rows(x), z], axis=1)
+        return m / np.float32(np.sqrt(1.0 + self.config.project_weight**2))
 
     def _predict_features(self, x: np.ndarray | None, prompts: list[str]) -> np.ndarray:
         assert x is not None
-        sims = _similarities(x.astype(np.float32), self.train_x)  # (n, N)
+        sims = _similarities(self._metric(x), self.train_x)  # (n, N)
         k = min(self.config.k, sims.shape[1])
         top = np.argpartition(-sims, k - 1, axis=1)[:, :k]  # (n, k)
         s = np.take_along_axis(sims, top, axis=1)
@@ -130,10 +172,14 @@ class KNNRouter(Router):
         return np.einsum("nk,nke->ne", w, self.train_y[top])
 
     def _state(self) -> dict[str, np.ndarray]:
-        return {"train_x": self.train_x, "train_y": self.train_y}
+        out = {"train_x": self.train_x, "train_y": self.train_y}
+        if self.proj_rotation is not None:
+            out |= {"proj_mean": self.proj_mean, "proj_rotation": self.proj_rotation}
+        return out
 
     def _load_state(self, tensors: dict[str, np.ndarray]) -> None:
         self.train_x, self.train_y = tensors["train_x"], tensors["train_y"]
+        self.proj_mean, self.proj_rotation = tensors.get("proj_mean"), tensors.get("proj_rotation")
 
 
 # -------------------------------------------------------------- logreg

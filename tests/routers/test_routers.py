@@ -191,3 +191,80 @@ def test_knn_similarities_same_with_and_without_torch(synth_table: RoutingTable)
         np.testing.assert_allclose(learned._similarities(x, t), x @ t.T, atol=1e-6)
     finally:
         sys.modules["torch"] = saved
+
+
+class _LookupEncoder:
+    """Fixed vectors per prompt: lets a test decide exactly what the features carry."""
+
+    name = "lookup"
+
+    def __init__(self, vectors: dict[str, np.ndarray], tag: str) -> None:
+        self.vectors, self.tag = vectors, tag
+
+    def encode(self, texts: list[str]) -> np.ndarray:
+        return np.stack([self.vectors[t] for t in texts]).astype(np.float32)
+
+    def config(self) -> dict:
+        return {"type": "lookup", "tag": self.tag}
+
+
+def _buried_signal_table(n: int = 400, noise_dims: int = 100) -> tuple[RoutingTable, dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """Expert 'a' is right when feature 0 is positive, 'b' otherwise; feature 0 is one of
+    a hundred equally large features, so cosine neighbours are mostly noise. A second block
+    of pure noise stands in for a second encoder part."""
+    rng = np.random.default_rng(0)
+    sign = rng.choice([-1.0, 1.0], size=n)
+    noise = rng.standard_normal((n, noise_dims))
+    rows, signal, other = [], {}, {}
+    for i in range(n):
+        p = f"prompt {i}"
+        signal[p] = np.concatenate([[sign[i]], noise[i]])
+        other[p] = rng.standard_normal(8)
+        a = 1.0 if sign[i] > 0 else 0.0
+        rows.append({"id": f"q{i}", "task": "t", "prompt": p, "scores": {"a": a, "b": 1.0 - a}, "costs": {"a": 1.0, "b": 1.0}})
+    return RoutingTable.from_rows(rows, source="buried"), signal, other
+
+
+def test_knn_projection_finds_a_buried_signal_and_roundtrips(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from routers import encoders
+
+    table, signal, other = _buried_signal_table()
+    make = encoders.make_encoder
+
+    def lookup(spec: object) -> object:
+        if spec in ("signal", {"type": "lookup", "tag": "signal"}):
+            return _LookupEncoder(signal, "signal")
+        if spec == {"type": "lookup", "tag": "other"}:
+            return _LookupEncoder(other, "other")
+        if spec == "other+signal":
+            return encoders.ConcatEncoder([_LookupEncoder(other, "other"), _LookupEncoder(signal, "signal")])
+        return make(spec)
+
+    monkeypatch.setattr(encoders, "make_encoder", lookup)
+    tr, te = table.split(0.25, seed=0)
+    plain = make_router("knn", encoder="signal", k=15).fit(tr)
+    projected = make_router("knn", encoder="signal", k=15, project=2, project_weight=2.0).fit(tr)
+    acc_plain = evaluate(te, plain.predict(te.prompts), n_boot=10).data["accuracy"]
+    acc_proj = evaluate(te, projected.predict(te.prompts), n_boot=10).data["accuracy"]
+    assert acc_plain < 0.8 and acc_proj > 0.95, (acc_plain, acc_proj)
+    assert projected.proj_rotation.shape == (101, 2)
+    # The first PLS direction is (almost) the signal feature.
+    assert abs(projected.proj_rotation[0, 0]) / np.linalg.norm(projected.proj_rotation[:, 0]) > 0.5
+
+    # Beside a second, pure-noise part (a '+'-joined encoder), the projection still finds the signal.
+    both = make_router("knn", encoder="other+signal", k=15, project=2, project_weight=2.0).fit(tr)
+    assert both.proj_rotation.shape == (109, 2)
+    assert evaluate(te, both.predict(te.prompts), n_boot=10).data["accuracy"] > 0.95
+
+    loaded = Router.load(both.save(tmp_path / "r"))
+    assert loaded.config.project == 2 and loaded.config.project_weight == 2.0
+    np.testing.assert_allclose(loaded.predict(te.prompts), both.predict(te.prompts), atol=1e-6)
+    plain_loaded = Router.load(plain.save(tmp_path / "plain"))
+    assert plain_loaded.proj_rotation is None
+    np.testing.assert_allclose(plain_loaded.predict(te.prompts), plain.predict(te.prompts), atol=1e-6)
+
+    with pytest.raises(RouterError, match="must be >= 0"):
+        make_router("knn", encoder="signal", project=-1).fit(tr)
+    flat = RoutingTable.from_rows([{**r, "scores": {"a": 1.0, "b": 1.0}} for r in tr.rows()], source="flat")
+    with pytest.raises(RouterError, match="every expert scores the same"):
+        make_router("knn", encoder="signal", project=2).fit(flat)
