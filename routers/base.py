@@ -9,9 +9,12 @@ training table's hash) and ``router.safetensors``. No pickle.
 
 from __future__ import annotations
 
+import collections.abc
 import dataclasses
 import json
 import os
+import types
+import typing
 from pathlib import Path
 from typing import Any, Callable, ClassVar, Sequence
 
@@ -65,10 +68,43 @@ def make_router(key: str, **overrides: Any) -> "Router":
     if bad:
         raise RouterError(f"router '{key}': unknown option '{bad[0]}'; expected some of {', '.join(sorted(fields))}")
     seed = overrides.pop("seed", None)
+    hints = typing.get_type_hints(cls.config_cls)
+    overrides = {k: _checked_option(key, k, v, hints.get(k, Any)) for k, v in overrides.items()}
     cfg = cls.config_cls(**overrides)
     if seed is not None:
         cfg.seed = seed
     return cls(cfg)
+
+
+_KINDS: dict[Any, tuple[str, Callable[[Any], bool]]] = {
+    bool: ("true or false", lambda v: isinstance(v, bool)),
+    int: ("an integer", lambda v: isinstance(v, int) and not isinstance(v, bool)),
+    float: ("a number", lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)),
+    str: ("a string", lambda v: isinstance(v, str)),
+}
+
+
+def _checked_option(key: str, name: str, value: Any, hint: Any) -> Any:
+    """``value`` if it has the kind the config field ``name`` declares (integers become
+    floats for float fields, a single value a one-item tuple for list fields), else a
+    RouterError naming the option."""
+    union = typing.get_origin(hint) in (typing.Union, types.UnionType)
+    if value is None and union and type(None) in typing.get_args(hint):
+        return value
+    options = [a for a in typing.get_args(hint) if a is not type(None)] if union else [hint]
+    wanted = []
+    for h in options:
+        origin = typing.get_origin(h) or h
+        if origin in (tuple, list, collections.abc.Sequence):
+            return value if isinstance(value, (list, tuple)) else (value,)  # '-o clusters=24' means one
+        if h in _KINDS:
+            what, ok = _KINDS[h]
+            if ok(value):
+                return float(value) if h is float else value
+            wanted.append(what)
+        else:
+            return value  # a kind this check does not know (Any, dicts): the router validates it
+    raise RouterError(f"router '{key}': option '{name}': expected {' or '.join(wanted)}, found {value!r}")
 
 
 @dataclasses.dataclass

@@ -78,6 +78,18 @@ def test_bad_router_inputs(tmp_path: Path) -> None:
         make_router("svm")
     with pytest.raises(RouterError, match="unknown option 'kk'"):
         make_router("knn", kk=3)
+    # Options of the wrong kind are refused by name, before any training.
+    with pytest.raises(RouterError, match="option 'k': expected an integer, found 'abc'"):
+        make_router("knn", k="abc")
+    with pytest.raises(RouterError, match="option 'k': expected an integer, found 2.5"):
+        make_router("knn", k=2.5)
+    with pytest.raises(RouterError, match="option 'select': expected true or false, found 1"):
+        make_router("partition", select=1)
+    with pytest.raises(RouterError, match="option 'weighting': expected a string, found 3"):
+        make_router("knn", weighting=3)
+    assert make_router("knn", temperature=1).config.temperature == 1.0 and isinstance(make_router("knn", temperature=1).config.temperature, float)
+    assert make_router("partition", clusters=24).config.clusters == (24,)
+    assert make_router("ensemble", members="knn").config.members == ("knn",)
     with pytest.raises(RouterError, match="not found"):
         Router.load(tmp_path / "missing")
     (tmp_path / "x").mkdir()
