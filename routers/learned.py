@@ -89,6 +89,14 @@ def _similarities(x: np.ndarray, train_x: np.ndarray) -> np.ndarray:
         return (torch.from_numpy(np.ascontiguousarray(x)) @ torch.from_numpy(np.ascontiguousarray(train_x)).T).numpy()
 
 
+def _principal_basis(x: np.ndarray, r: int) -> np.ndarray:
+    """(d, r) orthonormal top-r right singular vectors of ``x`` (uncentred, as cosine
+    similarities are), from the eigenvectors of the d x d Gram matrix."""
+    x64 = x.astype(np.float64)
+    vals, vecs = np.linalg.eigh(x64.T @ x64)
+    return np.ascontiguousarray(vecs[:, ::-1][:, :r]).astype(np.float32)
+
+
 @dataclasses.dataclass
 class KNNRouterConfig(RouterConfig):
     """Mean scores of the k most similar training prompts."""
@@ -106,6 +114,10 @@ class KNNRouterConfig(RouterConfig):
     0: plain cosine kNN."""
     project_weight: float = 1.0
     """Weight of the projected block against the (unit-norm) similarity features."""
+    reduce: int = 0
+    """Keep this many principal directions of the training vectors (uncentred SVD) and
+    compute similarities in that subspace: each query then costs reduce x (dims +
+    training prompts) instead of dims x training prompts. 0: full dimension."""
 
 
 @register_router("knn")
@@ -118,15 +130,21 @@ class KNNRouter(Router):
 
     proj_mean: np.ndarray | None = None
     proj_rotation: np.ndarray | None = None
+    basis: np.ndarray | None = None
 
     def _fit(self, x: np.ndarray | None, table: RoutingTable) -> None:
         assert x is not None
         if self.config.project < 0 or self.config.project_weight < 0:
             raise RouterError(f"knn: project and project_weight must be >= 0, found {self.config.project} and {self.config.project_weight}")
-        self.proj_mean = self.proj_rotation = None
+        if self.config.reduce < 0:
+            raise RouterError(f"knn: reduce must be >= 0, found {self.config.reduce}")
+        self.proj_mean = self.proj_rotation = self.basis = None
         if self.config.project:
             self._fit_projection(x, table.scores)
         self.train_x = self._metric(x)
+        if 0 < self.config.reduce < self.train_x.shape[1]:
+            self.basis = _principal_basis(self.train_x, self.config.reduce)
+            self.train_x = self.train_x @ self.basis
         self.train_y = table.scores.astype(np.float32)
 
     def _fit_projection(self, x: np.ndarray, scores: np.ndarray) -> None:
@@ -160,7 +178,10 @@ class KNNRouter(Router):
 
     def _predict_features(self, x: np.ndarray | None, prompts: list[str]) -> np.ndarray:
         assert x is not None
-        sims = _similarities(self._metric(x), self.train_x)  # (n, N)
+        m = self._metric(x)
+        if self.basis is not None:
+            m = m @ self.basis
+        sims = _similarities(m, self.train_x)  # (n, N)
         k = min(self.config.k, sims.shape[1])
         top = np.argpartition(-sims, k - 1, axis=1)[:, :k]  # (n, k)
         s = np.take_along_axis(sims, top, axis=1)
@@ -177,11 +198,14 @@ class KNNRouter(Router):
         out = {"train_x": self.train_x, "train_y": self.train_y}
         if self.proj_rotation is not None:
             out |= {"proj_mean": self.proj_mean, "proj_rotation": self.proj_rotation}
+        if self.basis is not None:
+            out["basis"] = self.basis
         return out
 
     def _load_state(self, tensors: dict[str, np.ndarray]) -> None:
         self.train_x, self.train_y = tensors["train_x"], tensors["train_y"]
         self.proj_mean, self.proj_rotation = tensors.get("proj_mean"), tensors.get("proj_rotation")
+        self.basis = tensors.get("basis")
 
 
 # -------------------------------------------------------------- logreg

@@ -280,3 +280,32 @@ def test_knn_projection_finds_a_buried_signal_and_roundtrips(tmp_path: Path, mon
     flat = RoutingTable.from_rows([{**r, "scores": {"a": 1.0, "b": 1.0}} for r in tr.rows()], source="flat")
     with pytest.raises(RouterError, match="every expert scores the same"):
         make_router("knn", encoder="signal", project=2).fit(flat)
+
+
+def test_knn_reduce_keeps_the_neighbours_of_low_rank_features_and_roundtrips(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Features spanning 4 of 60 dimensions: 4 principal directions give the same
+    similarities, so the same predictions, from a 15x smaller training matrix; 2
+    directions lose information and change some predictions."""
+    from routers import encoders
+
+    rng = np.random.default_rng(1)
+    table, _, _ = _buried_signal_table(n=300)
+    mix = rng.standard_normal((4, 60))
+    low = {p: rng.standard_normal(4) @ mix for p in table.prompts}
+    monkeypatch.setattr(encoders, "make_encoder", lambda spec: _LookupEncoder(low, "low"))
+    tr, te = table.split(0.25, seed=0)
+    full = make_router("knn", encoder="low", k=10).fit(tr)
+    reduced = make_router("knn", encoder="low", k=10, reduce=4).fit(tr)
+    assert full.train_x.shape == (len(tr), 60) and reduced.train_x.shape == (len(tr), 4)
+    assert reduced.basis.shape == (60, 4)
+    np.testing.assert_allclose(reduced.predict(te.prompts), full.predict(te.prompts), atol=1e-5)
+    two = make_router("knn", encoder="low", k=10, reduce=2).fit(tr)
+    assert np.abs(two.predict(te.prompts) - full.predict(te.prompts)).max() > 0.05
+
+    loaded = Router.load(reduced.save(tmp_path / "r"))
+    assert loaded.config.reduce == 4
+    np.testing.assert_allclose(loaded.predict(te.prompts), reduced.predict(te.prompts), atol=1e-6)
+    # reduce >= the dimension keeps the full vectors.
+    assert make_router("knn", encoder="low", reduce=60).fit(tr).basis is None
+    with pytest.raises(RouterError, match="reduce must be >= 0"):
+        make_router("knn", encoder="low", reduce=-1).fit(tr)
