@@ -357,7 +357,7 @@ def main() -> None:
     elif not a.skip_quality:
         out["quality" if a.first_seed == 0 else f"quality_seeds_{a.first_seed}_{a.first_seed + a.seeds - 1}"] = quality(a.seeds, a.bert, [x for x in a.only.split(";" if ";" in a.only else ",") if x], a.first_seed)
     if not a.skip_loto:
-        out["loto"] = loto(seed=a.loto_seed, routers=tuple(a.loto_routers.split(";" if ";" in a.loto_routers else ",")))
+        out["loto"] = loto(seed=a.loto_seed, routers=tuple(x for x in a.loto_routers.split(";" if ";" in a.loto_routers else ",") if x.strip()))
     if not a.skip_routellm:
         out["routellm"] = routellm(a.seeds, tuple(a.routellm_routers.split(",")), tuple(a.routellm_tables.split(",")))
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
