@@ -93,7 +93,7 @@ def _principal_basis(x: np.ndarray, r: int) -> np.ndarray:
     """(d, r) orthonormal top-r right singular vectors of ``x`` (uncentred, as cosine
     similarities are), from the eigenvectors of the d x d Gram matrix."""
     x64 = x.astype(np.float64)
-    vals, vecs = np.linalg.eigh(x64.T @ x64)
+    _, vecs = np.linalg.eigh(x64.T @ x64)  # ascending eigenvalues
     return np.ascontiguousarray(vecs[:, ::-1][:, :r]).astype(np.float32)
 
 
