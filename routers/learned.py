@@ -144,7 +144,7 @@ class KNNRouter(Router):
         self.train_x = self._metric(x)
         if 0 < self.config.reduce < self.train_x.shape[1]:
             self.basis = _principal_basis(self.train_x, self.config.reduce)
-            self.train_x = self.train_x @ self.basis
+            self.train_x = self.train_x @ self.basis  # what _metric gives from now on
         self.train_y = table.scores.astype(np.float32)
 
     def _fit_projection(self, x: np.ndarray, scores: np.ndarray) -> None:
@@ -166,22 +166,18 @@ class KNNRouter(Router):
     def _metric(self, x: np.ndarray) -> np.ndarray:
         """The vectors whose dot products are the similarities: the features as they are,
         or with a projection, the unit-norm features beside the unit-norm projected
-        block times its weight."""
+        block times its weight; with ``reduce``, their coordinates in the principal basis."""
         from routers.encoders import normalise_rows
 
-        x = x.astype(np.float32)
-        if self.proj_rotation is None:
-            return x
-        z = normalise_rows((x - self.proj_mean) @ self.proj_rotation) * np.float32(self.config.project_weight)
-        m = np.concatenate([normalise_rows(x), z], axis=1)
-        return m / np.float32(np.sqrt(1.0 + self.config.project_weight**2))
+        m = x.astype(np.float32)
+        if self.proj_rotation is not None:
+            z = normalise_rows((m - self.proj_mean) @ self.proj_rotation) * np.float32(self.config.project_weight)
+            m = np.concatenate([normalise_rows(m), z], axis=1) / np.float32(np.sqrt(1.0 + self.config.project_weight**2))
+        return m if self.basis is None else m @ self.basis
 
     def _predict_features(self, x: np.ndarray | None, prompts: list[str]) -> np.ndarray:
         assert x is not None
-        m = self._metric(x)
-        if self.basis is not None:
-            m = m @ self.basis
-        sims = _similarities(m, self.train_x)  # (n, N)
+        sims = _similarities(self._metric(x), self.train_x)  # (n, N)
         k = min(self.config.k, sims.shape[1])
         top = np.argpartition(-sims, k - 1, axis=1)[:, :k]  # (n, k)
         s = np.take_along_axis(sims, top, axis=1)
