@@ -149,35 +149,47 @@ _register_commands()
 
 
 def main() -> None:
-    """Entry point: run the app, turning user errors into one line and a non-zero exit."""
+    """Entry point: run the app, turning user errors into one line and a non-zero exit.
+
+    Usage errors print as typer prints them (usage line, the option at fault,
+    exit 2); CollabErrors print ``error: MESSAGE`` and exit with their code;
+    Ctrl-C exits 130. Anything else is a bug: one line and a hint to rerun
+    with ``collab --debug`` for the traceback."""
+    from collab.errors import CollabError
+
+    # typer >= 0.2x ships its own copy of click; its exceptions are found from a public class
+    click_exception = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "ClickException")
+
     try:
-        app(standalone_mode=False)
-    except SystemExit:
-        raise
-    except Exception as e:  # noqa: BLE001 - the one place errors meet the user
-        import click
-
-        from collab.errors import CollabError
-
-        if isinstance(e, click.exceptions.Abort):
-            sys.stderr.write("aborted\n")
-            sys.exit(130)
-        if isinstance(e, click.ClickException):
-            e.show()
-            sys.exit(e.exit_code)
-        if _state["debug"]:
-            raise
-        if isinstance(e, CollabError):
-            sys.stderr.write(f"error: {e}\n")
-            sys.exit(e.exit_code)
-        if isinstance(e, (FileNotFoundError, PermissionError, IsADirectoryError)):
-            sys.stderr.write(f"error: {e}\n")
-            sys.exit(1)
-        sys.stderr.write(f"error: {type(e).__name__}: {e} (run with --debug for the traceback)\n")
-        sys.exit(1)
-    except KeyboardInterrupt:
+        code = app(standalone_mode=False)
+    except click_exception as e:
+        e.show()  # plain text, not a rich box: one unwrapped line that scripts can grep
+        sys.exit(e.exit_code)
+    except (typer.Abort, KeyboardInterrupt):
         sys.stderr.write("interrupted\n")
         sys.exit(130)
+    except CollabError as e:
+        if _state["debug"]:
+            raise
+        prefix = "interrupted" if e.exit_code == 130 else "error"
+        sys.stderr.write(f"{prefix}: {e}\n")
+        sys.exit(e.exit_code)
+    except (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError) as e:
+        if _state["debug"]:
+            raise
+        sys.stderr.write(f"error: {e}\n")
+        sys.exit(1)
+    except Exception as e:  # noqa: BLE001 - the one place errors meet the user
+        if _state["debug"]:
+            raise
+        hint = "" if _state["debug"] else "; rerun as 'collab --debug ...' for the traceback"
+        sys.stderr.write(f"error: {type(e).__name__}: {e} (an unexpected error{hint})\n")
+        sys.exit(1)
+    if code == 130:  # typer turns a KeyboardInterrupt inside a command into Exit(130)
+        sys.stderr.write("interrupted\n")
+        sys.exit(130)
+    if isinstance(code, int) and code:
+        sys.exit(code)
 
 
 if __name__ == "__main__":  # pragma: no cover

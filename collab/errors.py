@@ -30,3 +30,9 @@ class ContextLengthError(RequestError):
 
 class RemoteError(CollabError):
     """A remote OpenAI-compatible endpoint failed or answered with an error."""
+
+
+class Interrupted(CollabError):
+    """A long job stopped by Ctrl-C; the message says what was kept and how to resume."""
+
+    exit_code = 130

@@ -92,3 +92,54 @@ def test_zoo_list_json() -> None:
     for name, r in rows.items():
         assert r["install"].startswith("collab zoo build --only" if name.startswith("zoo:smol-") else "pip install")
         assert r["size_mb"] > 0
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["generate", "m", "hi", "--max-tokens", "abc"], "Error: Invalid value for '--max-tokens'"),
+        (["generate"], "Error: Missing argument 'ref_or_spec'."),
+        (["generate", "m", "hi", "--colour"], "Error: No such option: --colour"),
+        (["teleport"], "Error: No such command 'teleport'."),
+    ],
+)
+def test_usage_errors_name_the_option_and_exit_2(args: list[str], message: str) -> None:
+    out = run(*args)
+    assert out.returncode == 2
+    assert message in out.stderr
+    assert "--help' for help." in out.stderr
+    for noise in ("MissingParameter", "BadParameter", "NoSuchOption", "UsageError", "--debug", "Traceback"):
+        assert noise not in out.stderr
+
+
+def test_empty_raw_prompt_generates(tiny_model_dir: Path) -> None:
+    out = run("generate", str(tiny_model_dir), "", "--raw", "--max-tokens", "3")
+    assert out.returncode == 0, out.stderr
+
+
+def test_ctrl_c_exits_130_and_says_so(tiny_model_dir: Path) -> None:
+    # The interrupt arrives while the command runs, as a KeyboardInterrupt from the model.
+    code = (
+        "import sys; from collab import experts, cli\n"
+        "def stop(self, request): raise KeyboardInterrupt\n"
+        "experts.Expert.stream = stop\n"
+        f"sys.argv = ['collab', 'generate', {str(tiny_model_dir)!r}, 'hi']\n"
+        "cli.main()\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 130
+    assert out.stderr.strip().splitlines()[-1] == "interrupted"
+
+
+def test_interrupted_error_prints_its_resume_hint() -> None:
+    code = (
+        "import sys; from collab import cli; from collab.errors import Interrupted\n"
+        "@cli.app.command('boom')\n"
+        "def boom() -> None:\n"
+        "    raise Interrupted('3 of 10 examples saved in runs/x; rerun the same command to resume')\n"
+        "sys.argv = ['collab', 'boom']\n"
+        "cli.main()\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 130
+    assert out.stderr == "interrupted: 3 of 10 examples saved in runs/x; rerun the same command to resume\n"
