@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
-from collab.errors import ContextLengthError, ModelLoadError
+from collab.errors import CollabError, ContextLengthError, ModelLoadError
 from collab.generation import QueueStreamer, RowLimits, StopFlag, StopStrings, first_stop, stopping
 from collab.io import atomic_directory, atomic_write_json, cache_root
 from collab.packing import PackedBatch, PackedRow, pack_rows
@@ -37,7 +37,8 @@ PLAIN_USER = "User: "
 PLAIN_ASSISTANT = "Assistant:"
 PLAIN_STOP = "\nUser:"
 
-_DTYPES = ("auto", "float32", "bfloat16", "float16")
+#: The ``dtype`` values an expert loads in.
+DTYPES = ("auto", "float32", "bfloat16", "float16")
 GGUF_CACHE_VERSION = 1
 
 
@@ -124,11 +125,32 @@ def _check_gguf_magic(path: Path) -> None:
         raise ModelLoadError(f"{path}: not a GGUF file (expected magic bytes b'GGUF', found {magic!r}); the file is corrupt or of another format")
 
 
-def _torch_dtype(dtype: str) -> Any:
+#: Files of which at least one makes a directory's tokenizer loadable.
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "spiece.model", "tokenizer_config.json")
+
+
+def _one_line(e: BaseException) -> str:
+    return " ".join(str(e).split())
+
+
+def _check_safetensors(model_dir: Path) -> None:
+    """ModelLoadError naming the file if a ``*.safetensors`` header is unreadable
+    (a truncated download or copy), before transformers reports it without the name."""
+    from safetensors import safe_open
+
+    for f in sorted(model_dir.glob("*.safetensors")):
+        try:
+            with safe_open(str(f), framework="numpy"):
+                pass
+        except Exception as e:  # noqa: BLE001 - SafetensorError derives from Exception only
+            raise ModelLoadError(f"{f}: not a readable safetensors file, truncated or corrupt ({_one_line(e)})") from e
+
+
+def _torch_dtype(dtype: str, what: str) -> Any:
+    if dtype not in DTYPES:
+        raise ModelLoadError(f"{what}: dtype: expected one of {', '.join(DTYPES)}, found {dtype!r}")
     import torch
 
-    if dtype not in _DTYPES:
-        raise ModelLoadError(f"dtype: expected one of {_DTYPES}, found {dtype!r}")
     return "auto" if dtype == "auto" else getattr(torch, dtype)
 
 
@@ -236,9 +258,16 @@ class Expert(BaseSystem):
     ) -> "Expert":
         """Load an expert from a HF directory, a ``.gguf`` file, a PEFT adapter
         directory or ``zoo:NAME``. ``.bin`` pickles load only with ``allow_pickle``."""
+        from collab.devices import check_device
+
+        what = f"expert '{name}'" if name else str(ref)
+        torch_dtype = _torch_dtype(dtype, what)
+        try:
+            device = check_device(device, f"{what}: device")
+        except CollabError as e:
+            raise ModelLoadError(str(e)) from e
         res = resolve_ref(ref)
         model_dir = dequantised_dir(res) if res.gguf_file else res.path
-        torch_dtype = _torch_dtype(dtype)
         has_st = any(model_dir.glob("*.safetensors"))
         if not has_st:
             if any(model_dir.glob("*.bin")) and not allow_pickle:
@@ -248,12 +277,20 @@ class Expert(BaseSystem):
                 )
             if not any(model_dir.glob("*.bin")):
                 raise ModelLoadError(f"{model_dir}: no weights found (expected *.safetensors)")
+        _check_safetensors(model_dir)
+        if not any((model_dir / f).exists() for f in _TOKENIZER_FILES):
+            raise ModelLoadError(
+                f"{model_dir}: no tokenizer found (expected one of {', '.join(_TOKENIZER_FILES)} beside config.json)"
+            )
         from transformers import AutoModelForCausalLM, AutoTokenizer
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()
         try:
             tokenizer = AutoTokenizer.from_pretrained(str(model_dir), trust_remote_code=trust_remote_code)
+        except (OSError, ValueError, KeyError, RuntimeError, TypeError) as e:
+            raise ModelLoadError(f"{model_dir}: cannot load the tokenizer ({type(e).__name__}: {_one_line(e)})") from e
+        try:
             model = AutoModelForCausalLM.from_pretrained(
                 str(model_dir),
                 dtype=torch_dtype,
@@ -261,10 +298,8 @@ class Expert(BaseSystem):
                 use_safetensors=has_st,
                 device_map=None if device == "cpu" else device,
             )
-        except ModelLoadError:
-            raise
         except (OSError, ValueError, KeyError, RuntimeError) as e:
-            raise ModelLoadError(f"{model_dir}: cannot load model ({type(e).__name__}: {str(e).splitlines()[0]})") from e
+            raise ModelLoadError(f"{model_dir}: cannot load the model ({type(e).__name__}: {_one_line(e)})") from e
         if res.adapter is not None:
             model = _apply_adapter(model, res.adapter)
         return cls(
@@ -316,11 +351,18 @@ class Expert(BaseSystem):
         # Chat templates already write the special tokens they need.
         add_special = not (request.messages is not None and self.prompt_format == "chat_template")
         ids = self.tokenizer(text, add_special_tokens=add_special).input_ids
+        if not ids:  # an empty raw prompt: start from the beginning-of-text token, as OpenAI servers do
+            ids = [self._start_token()]
         if len(ids) >= self.context_window:
             raise ContextLengthError(
                 f"prompt has {len(ids)} tokens; expert '{self.name}' has a context window of {self.context_window} tokens"
             )
         return ids
+
+    def _start_token(self) -> int:
+        """The token an empty text starts from: BOS where the tokenizer has one, else EOS."""
+        bos = self.tokenizer.bos_token_id
+        return int(bos) if bos is not None else self.eos_token_ids[0]
 
     def _stops(self, request: GenerationRequest) -> list[str]:
         stops = list(request.stop)
@@ -506,8 +548,7 @@ class Expert(BaseSystem):
         whole = self.tokenizer(context + continuation).input_ids
         ctx = self.tokenizer(context).input_ids
         if not ctx:
-            prefix = self.tokenizer.bos_token_id if self.tokenizer.bos_token_id is not None else self.eos_token_ids[0]
-            return [prefix], whole
+            return [self._start_token()], whole
         return ctx, whole[len(ctx) :]
 
     def loglikelihood(self, context: str, continuation: str) -> float:
@@ -649,8 +690,13 @@ def _apply_adapter(model: Any, adapter_dir: Path) -> Any:
         raise ModelLoadError(f"{adapter_dir}: loading an adapter needs peft (pip install peft)") from e
     if not (adapter_dir / "adapter_model.safetensors").exists():
         raise ModelLoadError(f"{adapter_dir}: adapter_model.safetensors not found (pickled adapters are not loaded)")
-    peft_model = PeftModel.from_pretrained(model, str(adapter_dir))
-    return peft_model.merge_and_unload()
+    import warnings
+
+    with warnings.catch_warnings():
+        # peft reads a property that transformers 5 deprecates; the user can do nothing about it
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        peft_model = PeftModel.from_pretrained(model, str(adapter_dir))
+        return peft_model.merge_and_unload()
 
 
 class RemoteExpert(BaseSystem):

@@ -112,6 +112,21 @@ class Spec:
                 raise self.error(f"{key_path}.{key}", f"unknown expert '{n}'; defined: {', '.join(self.names()) or 'none'}")
         return names
 
+    def check_load_options(self, key_path: str, options: dict[str, Any]) -> None:
+        """SpecError for a local model's loading option of the wrong kind or value."""
+        from collab.experts import DTYPES
+
+        allowed: dict[str, tuple[Any, ...]] = {"dtype": DTYPES, "prompt_format": ("chat_template", "plain")}
+        for key, values in allowed.items():
+            if key in options and options[key] not in values:
+                raise self.error(f"{key_path}.{key}", f"expected one of {', '.join(values)}, found {options[key]!r}")
+        if "batch_size" in options and (type(options["batch_size"]) is not int or options["batch_size"] < 1):
+            raise self.error(f"{key_path}.batch_size", f"expected an integer >= 1, found {options['batch_size']!r}")
+        if "allow_pickle" in options and not isinstance(options["allow_pickle"], bool):
+            raise self.error(f"{key_path}.allow_pickle", f"expected true or false, found {options['allow_pickle']!r}")
+        if "device" in options and not isinstance(options["device"], str):
+            raise self.error(f"{key_path}.device", f"expected a device name such as 'cpu' or 'cuda:0', found {options['device']!r}")
+
     def _parse(self, data: Any) -> None:
         if not isinstance(data, dict):
             raise self.error("<top>", f"expected a mapping with 'experts' and 'systems', found {type(data).__name__}")
@@ -164,6 +179,7 @@ class Spec:
             if isinstance(api_key, str) and api_key.startswith("$"):
                 api_key = os.environ.get(api_key[1:])
             return ExpertSpec(name=name, url=str(cfg["url"]), model=cfg["model"], api_key=api_key, options=options)
+        self.check_load_options(kp, options)
         ref = str(cfg["ref"])
         if not ref.startswith("zoo:"):
             path = self.resolve_path(ref)
@@ -240,6 +256,7 @@ class ExpertSystemType:
             raise spec.error(f"{kp}.{sorted(unknown)[0]}", f"unknown key for type 'expert'; expected some of {', '.join(sorted(self.keys))}")
         if "ref" not in config:
             raise spec.error(f"{kp}.ref", "missing (expected a model directory, a .gguf file or zoo:NAME)")
+        spec.check_load_options(kp, config)
         ref = str(config["ref"])
         if not ref.startswith("zoo:") and not spec.resolve_path(ref).exists():
             raise spec.error(f"{kp}.ref", f"'{ref}' not found")

@@ -242,3 +242,44 @@ def test_batch_usage_counts_only_generated_tokens(tiny_expert: Any) -> None:
         single = tiny_expert.generate(r)
         assert b.text == single.text
         assert b.usage == single.usage
+
+
+def test_empty_raw_prompt_starts_from_the_start_token(tiny_expert: Any) -> None:
+    req = GenerationRequest(prompt="", max_tokens=4)
+    assert tiny_expert.encode(req) == [tiny_expert.tokenizer.bos_token_id]
+    c = tiny_expert.generate(req)
+    assert c.usage.prompt_tokens == 1 and c.usage.completion_tokens > 0
+    assert "".join(ch.text for ch in tiny_expert.stream(req)) == c.text
+
+
+def test_truncated_safetensors_names_the_file(tiny_model_dir: Path, tmp_path: Path) -> None:
+    import shutil
+
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_model_dir, broken)
+    weights = broken / "model.safetensors"
+    with open(weights, "r+b") as f:
+        f.truncate(weights.stat().st_size // 2)
+    with pytest.raises(ModelLoadError, match=r"broken/model.safetensors: not a readable safetensors file, truncated or corrupt"):
+        Expert.load(broken)
+
+
+def test_directory_without_tokenizer_is_named(tiny_model_dir: Path, tmp_path: Path) -> None:
+    import shutil
+
+    bare = tmp_path / "bare"
+    shutil.copytree(tiny_model_dir, bare, ignore=shutil.ignore_patterns("tokenizer*", "special_tokens*"))
+    with pytest.raises(ModelLoadError, match=r"bare: no tokenizer found \(expected one of tokenizer.json"):
+        Expert.load(bare)
+
+
+def test_bad_dtype_and_device_name_the_expert(tiny_model_dir: Path) -> None:
+    import torch
+
+    with pytest.raises(ModelLoadError, match=r"expert 'x': dtype: expected one of auto, float32, bfloat16, float16, found 'float8'"):
+        Expert.load(tiny_model_dir, name="x", dtype="float8")
+    with pytest.raises(ModelLoadError, match=r"expert 'x': device: expected 'cpu', 'cuda', 'cuda:N', 'mps' or 'auto', found 'gpu0'"):
+        Expert.load(tiny_model_dir, name="x", device="gpu0")
+    if not torch.cuda.is_available():
+        with pytest.raises(ModelLoadError, match=r"expert 'x': device 'cuda': this torch build sees no CUDA device"):
+            Expert.load(tiny_model_dir, name="x", device="cuda")

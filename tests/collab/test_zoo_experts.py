@@ -30,3 +30,14 @@ def test_domain_expert_beats_base_on_its_skill(skill: str) -> None:
     tuned = accuracy(Expert.load(f"zoo:smol-{skill}"))
     base = accuracy(Expert.load("zoo:smollm2-135m-instruct"))
     assert tuned >= base + 0.2, (tuned, base)
+
+
+def test_domain_expert_loads_without_warnings() -> None:
+    import warnings
+
+    from collab.experts import Expert
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        Expert.load("zoo:smol-arith")
+    assert not [str(w.message) for w in caught if issubclass(w.category, (FutureWarning, DeprecationWarning, UserWarning))]
