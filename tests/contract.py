@@ -1,5 +1,6 @@
 """The contract every System kind passes: generate, stream equals generate,
-stop sequences, max_tokens, a trace, greedy determinism, batched generation.
+stop sequences, max_tokens, temperature and top_p, a trace, greedy
+determinism, batched generation.
 
 Subclass ``SystemContract`` in a test module and provide a ``system`` fixture
 (see tests/collab/test_expert_contract.py); pytest collects the subclass.
@@ -13,7 +14,7 @@ import pytest
 
 from collab.system import Completion, GenerationRequest, System, collect_stream
 
-PROMPTS = ["What is 2 + 2?", "The capital of France is", "Reverse the list [1, 2, 3]."]
+PROMPTS = ["What is 2 + 2?", "The capital of France is", "Reverse the list [1, 2, 3].", "Count from 1 to 30, separated by commas."]
 
 
 class SystemContract:
@@ -58,26 +59,54 @@ class SystemContract:
             assert streamed.text == gen.text
             assert streamed.trace.get("system") == system.name
 
+    def longest(self, system: Any) -> tuple[GenerationRequest, Completion]:
+        """The prompt whose greedy answer is longest, and that answer. The
+        max_tokens and stop checks need one of at least a few tokens; a system
+        that answers every prompt in one token fails them."""
+        best = max(((r, system.generate(r)) for r in (self.request(p) for p in PROMPTS)), key=lambda rc: len(rc[1].text))
+        assert best[1].usage.completion_tokens > 4 and len(best[1].text) > 8, f"no prompt gives a usable answer: {best[1]!r}"
+        return best
+
     def test_max_tokens(self, system: Any) -> None:
-        c = system.generate(self.request(max_tokens=3))
-        assert c.usage.completion_tokens <= 3
-        full = system.generate(self.request(max_tokens=self.max_tokens))
-        if full.usage.completion_tokens > 3:
-            assert c.finish_reason == "length"
-            assert full.text.startswith(c.text.rstrip("\ufffd")[:1])
+        full_req, full = self.longest(system)
+        msgs = full_req.messages
+        cut = system.generate(GenerationRequest(messages=msgs, max_tokens=3))
+        assert cut.finish_reason == "length"
+        assert cut.usage.completion_tokens == 3
+        # the three tokens are the start of the longer greedy answer (a token cut inside a
+        # multi-byte character decodes to U+FFFD)
+        head = cut.text.rstrip("\ufffd")
+        assert head and full.text.startswith(head)
+        streamed = collect_stream(system.stream(GenerationRequest(messages=msgs, max_tokens=3)))
+        assert streamed.text == cut.text and streamed.finish_reason == "length"
 
     def test_stop_sequence_cuts_output(self, system: Any) -> None:
-        full = system.generate(self.request(PROMPTS[2]))
+        req, full = self.longest(system)
         text = full.text
         candidates = [i for i in range(2, len(text) - 2) if not text[i : i + 2].isspace() and "\ufffd" not in text[i : i + 2]]
-        if not candidates:
-            pytest.skip(f"output too short to pick a stop string: {text!r}")
-        stop = text[candidates[len(candidates) // 2] : candidates[len(candidates) // 2] + 2]
-        cut = system.generate(self.request(PROMPTS[2], stop=[stop]))
+        assert candidates, f"no stop string can be picked from {text!r}"
+        at = candidates[len(candidates) // 2]
+        stop = text[at : at + 2]
+        cut = system.generate(GenerationRequest(messages=req.messages, max_tokens=self.max_tokens, stop=[stop]))
         assert cut.text == text[: text.find(stop)]
+        assert len(cut.text) < len(text)
         assert cut.finish_reason == "stop"
-        streamed = collect_stream(system.stream(self.request(PROMPTS[2], stop=[stop])))
+        streamed = collect_stream(system.stream(GenerationRequest(messages=req.messages, max_tokens=self.max_tokens, stop=[stop])))
         assert streamed.text == cut.text
+
+    def test_temperature_changes_the_output(self, system: Any) -> None:
+        req, greedy = self.longest(system)
+        samples = {system.generate(GenerationRequest(messages=req.messages, max_tokens=self.max_tokens, temperature=1.5, seed=s)).text for s in range(4)}
+        # a system that ignored temperature would answer greedily four times
+        assert len(samples) >= 2 or samples != {greedy.text}
+
+    def test_top_p_narrows_sampling(self, system: Any) -> None:
+        req, greedy = self.longest(system)
+        # top_p this small keeps only the most likely token at every step, so hot sampling
+        # gives the greedy answer; a system that ignored top_p would sample freely
+        for s in range(3):
+            narrow = GenerationRequest(messages=req.messages, max_tokens=self.max_tokens, temperature=1.5, top_p=1e-6, seed=s)
+            assert system.generate(narrow).text == greedy.text
 
     def test_seeded_sampling_is_reproducible(self, system: Any) -> None:
         a = system.generate(self.request(temperature=1.0, seed=7))
