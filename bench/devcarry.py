@@ -26,13 +26,13 @@ def pack(out: Path) -> None:
 
     sys.path.insert(0, str(ROOT))
     from collab import zoo
-    from routers.table import SHARED_ROUTING
+    from routers.table import ROUTING_DATA
 
     src = zoo.get("minilm-l6").path()
     dst = out / "minilm16"
     shutil.copytree(src, dst, ignore=shutil.ignore_patterns("model.safetensors", "*.md", ".gitattributes", "data_config.json"), dirs_exist_ok=True)
     save_file({k: v.half() for k, v in load_file(str(src / "model.safetensors")).items()}, str(dst / WEIGHTS))
-    (out / "train.json.gz").write_bytes(gzip.compress((SHARED_ROUTING / "llmrouter" / "train.json").read_bytes()))
+    (out / "train.json.gz").write_bytes(gzip.compress((ROUTING_DATA / "llmrouter" / "train.json").read_bytes()))
     print(f"packed {out} ({sum(p.stat().st_size for p in out.rglob('*') if p.is_file()) / 2**20:.1f} MiB)")
 
 

@@ -346,7 +346,7 @@ def main() -> None:
     ap.add_argument("--latency-n", type=int, default=60, help="timed single-prompt calls per router")
     ap.add_argument("--device", default="cpu", help="where MiniLM runs in the latency part: cpu, cuda, auto")
     ap.add_argument("--minilm", default="zoo:minilm-l6", help="sentence-transformers directory for the latency part (default: the zoo's MiniLM)")
-    ap.add_argument("--table", default=None, help="LLMRouter train.json for the latency part (default: ../shared/data/routing/llmrouter/train.json)")
+    ap.add_argument("--table", default=None, help="LLMRouter train.json for the latency part (default: the copy shipped in routers/data/routing/llmrouter/)")
     ap.add_argument("--out", default="runs/bench-routers.json")
     a = ap.parse_args()
     out: dict = {}

@@ -5,8 +5,8 @@ The canonical format (DESIGN.md) is JSONL, one query per line::
     {"id": "q1", "task": "math", "prompt": "...", "scores": {"a": 1.0, "b": 0.0}, "costs": {"a": 1.0, "b": 8.0}}
 
 ``RoutingTable`` holds it as arrays: ``scores`` and ``costs`` are (n, experts)
-float64 matrices in the order of ``experts``. Converters read the shared RouteLLM
-CSVs and the LLMRouter JSON. Splits are by query id, stratified by task, seeded.
+float64 matrices in the order of ``experts``. Converters read the RouteLLM CSVs
+and the LLMRouter JSON shipped in ``routers/data/routing/``. Splits are by query id, stratified by task, seeded.
 """
 
 from __future__ import annotations
@@ -26,20 +26,18 @@ import numpy as np
 
 from collab.errors import CollabError
 
-def _shared_data() -> Path:
-    """The project's shared data folder: $COLLAB_SHARED_DATA, else ``shared/data`` beside the checkout."""
-    env = os.environ.get("COLLAB_SHARED_DATA")
-    if env:
-        return Path(env)
-    sibling = Path(__file__).resolve().parent.parent.parent / "shared" / "data"
-    return sibling if sibling.is_dir() else Path("/work/shared/data")
-
-
-SHARED_ROUTING = _shared_data() / "routing"
+#: The routing tables behind the ``--data`` shorthands, shipped inside the package
+#: (routers/data/routing/, with their upstream licences; README.md there names the sources).
+ROUTING_DATA = Path(__file__).resolve().parent / "data" / "routing"
 
 
 class TableError(CollabError, ValueError):
     """A routing table that is not valid: names the file, line and field."""
+
+
+class TableWarning(UserWarning):
+    """Something about a valid table the user should know (e.g. costs defaulted to 1).
+    ``collab route`` prints these as one ``warning:`` line on stderr."""
 
 
 @dataclass
@@ -90,7 +88,7 @@ class RoutingTable:
         """The same queries restricted to (and ordered as) ``names``."""
         missing = [n for n in names if n not in self.experts]
         if missing:
-            raise TableError(f"{self.source}: unknown expert '{missing[0]}'; table experts: {', '.join(self.experts)}")
+            raise TableError(f"{self.source}: the table has no expert '{missing[0]}' (its experts: {', '.join(self.experts)})")
         cols = [self.experts.index(n) for n in names]
         return RoutingTable(list(names), list(self.ids), list(self.tasks), list(self.prompts), self.scores[:, cols], self.costs[:, cols], self.source, list(self.notes))
 
@@ -228,7 +226,7 @@ class RoutingTable:
         if missing_cost_rows:
             msg = f"{source}: {missing_cost_rows} of {len(rows)} rows give no cost for some experts; those costs default to 1"
             notes.append(msg)
-            warnings.warn(msg, stacklevel=2)
+            warnings.warn(msg, TableWarning, stacklevel=2)
         return cls(names, ids, tasks, prompts, scores, costs, source=source, notes=notes)
 
     # ------------------------------------------------------------- splits
@@ -404,7 +402,7 @@ def from_routellm_csv(path: str | os.PathLike[str], task: str, prices: Mapping[s
 
 def from_routellm_mmlu(directory: str | os.PathLike[str] | None = None, prices: Mapping[str, float] | None = ROUTELLM_PRICES) -> RoutingTable:
     """All ``mmlu_<subject>.csv`` files, task = the subject."""
-    d = Path(directory) if directory else SHARED_ROUTING / "routellm" / "mmlu"
+    d = Path(directory) if directory else ROUTING_DATA / "routellm" / "mmlu"
     files = sorted(d.glob("mmlu_*.csv"))
     if not files:
         raise TableError(f"{d}: no mmlu_<subject>.csv files")
@@ -416,7 +414,7 @@ def from_routellm_mmlu(directory: str | os.PathLike[str] | None = None, prices: 
 
 
 def from_routellm_gsm8k(path: str | os.PathLike[str] | None = None, prices: Mapping[str, float] | None = ROUTELLM_PRICES) -> RoutingTable:
-    return from_routellm_csv(Path(path) if path else SHARED_ROUTING / "routellm" / "gsm8k_responses.csv", task="gsm8k", prices=prices)
+    return from_routellm_csv(Path(path) if path else ROUTING_DATA / "routellm" / "gsm8k_responses.csv", task="gsm8k", prices=prices)
 
 
 _LATEX = re.compile(r"\\[a-zA-Z]+|\$[^$\s](?:[^$]{0,80}[^$\s])?\$")
@@ -452,7 +450,7 @@ def from_llmrouter(path: str | os.PathLike[str] | None = None, costs: str | Mapp
     The file has no task labels, so ``derive_task`` gives each question one.
     ``costs``: ``"unit"`` (1 per query, as the file has none), ``"params"``
     (parameter count in billions per query) or a mapping expert -> cost."""
-    p = Path(path) if path else SHARED_ROUTING / "llmrouter" / "train.json"
+    p = Path(path) if path else ROUTING_DATA / "llmrouter" / "train.json"
     if not p.is_file():
         raise TableError(f"{p}: LLMRouter file not found")
     try:
