@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import collections.abc
 import dataclasses
+import hashlib
 import json
 import os
 import types
@@ -25,11 +26,19 @@ from routers.table import RoutingTable
 
 FORMAT_VERSION = 1
 
+#: In a router directory: the ``prompt_digest`` of each training prompt, one per line.
+TRAIN_PROMPTS_FILE = "train_prompts.sha256"
+
 REGISTRY: dict[str, type["Router"]] = {}
 
 
 class RouterError(CollabError, ValueError):
     """A router artefact or router configuration that is not valid."""
+
+
+def prompt_digest(prompt: str) -> str:
+    """The first 16 hex digits of the prompt's SHA-256: how a router records its training prompts."""
+    return hashlib.sha256(prompt.encode("utf-8")).hexdigest()[:16]
 
 
 def register_router(key: str) -> Callable[[type["Router"]], type["Router"]]:
@@ -73,6 +82,7 @@ def make_router(key: str, **overrides: Any) -> "Router":
     cfg = cls.config_cls(**overrides)
     if seed is not None:
         cfg.seed = seed
+    check_bounds(key, cfg)
     return cls(cfg)
 
 
@@ -107,9 +117,73 @@ def _checked_option(key: str, name: str, value: Any, hint: Any) -> Any:
     raise RouterError(f"router '{key}': option '{name}': expected {' or '.join(wanted)}, found {value!r}")
 
 
+@dataclasses.dataclass(frozen=True)
+class Bound:
+    """The numbers an option accepts: ``low <= x <= high`` (``<`` where the end is open);
+    for a list option, every number in it. ``None``: no bound on that side."""
+
+    low: float | None = None
+    high: float | None = None
+    open_low: bool = False
+    open_high: bool = False
+
+    def admits(self, x: float) -> bool:
+        if self.low is not None and (x <= self.low if self.open_low else x < self.low):
+            return False
+        return self.high is None or (x < self.high if self.open_high else x <= self.high)
+
+    def describe(self) -> str:
+        lo = None if self.low is None else f"{'>' if self.open_low else '>='} {self.low:g}"
+        hi = None if self.high is None else f"{'<' if self.open_high else '<='} {self.high:g}"
+        if lo and hi:
+            return f"in {'(' if self.open_low else '['}{self.low:g}, {self.high:g}{')' if self.open_high else ']'}"
+        return lo or hi or "any number"
+
+
+AT_LEAST_1 = Bound(1)
+NON_NEGATIVE = Bound(0)
+POSITIVE = Bound(0, open_low=True)
+UNIT = Bound(0, 1)
+
+
+def check_bounds(key: str, config: Any) -> None:
+    """RouterError naming the first option of ``config`` outside its ``bounds`` (e.g. ``k=0``)."""
+    for name, bound in option_bounds(type(config)).items():
+        value = getattr(config, name)
+        for x in _numbers(value):
+            if not bound.admits(x):
+                if isinstance(value, (list, tuple)):
+                    what, shown = "numbers each", f"{x:g} in {list(value)!r}"
+                else:
+                    what, shown = ("an integer" if isinstance(value, int) else "a number"), f"{value!r}"
+                raise RouterError(f"router '{key}': option '{name}': expected {what} {bound.describe()}, found {shown}")
+
+
+def option_bounds(config_cls: type) -> dict[str, Bound]:
+    """The ``bounds`` of ``config_cls`` and of the configs it extends (``seed`` from RouterConfig)."""
+    out: dict[str, Bound] = {}
+    for klass in reversed(config_cls.__mro__):
+        out.update(vars(klass).get("bounds", {}))
+    return out
+
+
+def _numbers(value: Any) -> list[float]:
+    if isinstance(value, bool):
+        return []
+    if isinstance(value, (int, float)):
+        return [float(value)]
+    if isinstance(value, (list, tuple)):
+        return [x for v in value for x in _numbers(v)]
+    return []
+
+
 @dataclasses.dataclass
 class RouterConfig:
-    """Fields every router config has."""
+    """Fields every router config has. A subclass lists in ``bounds`` the range of each
+    numeric option where some values are meaningless (``k=0`` neighbours); ``make_router``
+    and ``fit`` refuse values outside it, naming the option (a subclass's ``bounds`` add to these)."""
+
+    bounds: ClassVar[dict[str, Bound]] = {"seed": NON_NEGATIVE}
 
     encoder: str = "minilm"
     """Text encoder: 'minilm', 'tfidf', 'lm' (a causal LM's pooled hidden states), or several joined by '+'."""
@@ -130,6 +204,9 @@ class Router:
         self.config = config if config is not None else self.config_cls()
         self.experts: list[str] = []
         self.train_hash: str | None = None
+        self.train_prompts: list[str] | None = None
+        """``prompt_digest`` of each training prompt (None for routers saved before it was recorded):
+        lets ``route eval`` tell which rows of a table the router was trained on."""
         self.encoder: Any = None
         self.meta: dict[str, Any] = {}
 
@@ -138,8 +215,10 @@ class Router:
         """Train on a routing table (its experts become the router's experts)."""
         if len(table) == 0:
             raise RouterError(f"{table.source}: cannot train a router on an empty table")
+        check_bounds(self.key, self.config)
         self.experts = list(table.experts)
         self.train_hash = table.content_hash()
+        self.train_prompts = sorted({prompt_digest(p) for p in table.prompts})
         x = None
         if self.uses_encoder:
             from routers.encoders import make_encoder
@@ -227,24 +306,36 @@ class Router:
         }
 
     def save(self, directory: str | os.PathLike[str]) -> Path:
-        """Write ``config.json`` and ``router.safetensors`` to ``directory`` atomically."""
-        from safetensors.numpy import save_file
-
-        from collab.io import atomic_directory, atomic_write_json
-        from routers.encoders import encoder_state
+        """Write ``config.json`` and ``router.safetensors`` to ``directory`` atomically
+        (replacing what is there; ``collab route train`` refuses that without ``--overwrite``)."""
+        from collab.io import atomic_directory
 
         if not self.experts:
             raise RouterError(f"router '{self.key}': nothing to save, it is not fitted")
         with atomic_directory(directory, overwrite=True) as tmp:
-            tensors = {f"router.{k}": np.ascontiguousarray(v) for k, v in self._state().items()}
-            if self.encoder is not None:
-                tensors.update({f"encoder.{k}": np.ascontiguousarray(v) for k, v in encoder_state(self.encoder).items()})
-            if not tensors:
-                tensors = {"empty": np.zeros(1, dtype=np.float32)}
-            save_file(tensors, str(tmp / "router.safetensors"))
-            self._save_extra(tmp)
-            atomic_write_json(tmp / "config.json", self.config_json())
+            self.save_into(tmp)
         return Path(directory)
+
+    def save_into(self, directory: Path) -> None:
+        """Write the artefact's files into the existing (empty) ``directory``, not atomically:
+        ``save`` and ``routers.api.train_router`` call it inside ``collab.io.atomic_directory``."""
+        from safetensors.numpy import save_file
+
+        from collab.io import atomic_write_json
+        from routers.encoders import encoder_state
+
+        if not self.experts:
+            raise RouterError(f"router '{self.key}': nothing to save, it is not fitted")
+        tensors = {f"router.{k}": np.ascontiguousarray(v) for k, v in self._state().items()}
+        if self.encoder is not None:
+            tensors.update({f"encoder.{k}": np.ascontiguousarray(v) for k, v in encoder_state(self.encoder).items()})
+        if not tensors:
+            tensors = {"empty": np.zeros(1, dtype=np.float32)}
+        save_file(tensors, str(directory / "router.safetensors"))
+        if self.train_prompts is not None:
+            (directory / TRAIN_PROMPTS_FILE).write_text("".join(h + "\n" for h in self.train_prompts), encoding="utf-8")
+        self._save_extra(directory)
+        atomic_write_json(directory / "config.json", self.config_json())
 
     def _save_extra(self, directory: Path) -> None:
         """Subclasses that need more files (an ensemble's members) write them here."""
@@ -281,6 +372,8 @@ class Router:
             raise RouterError(f"{cfg_path}: experts: expected a non-empty list of expert names, found {experts!r}")
         router.experts = [str(e) for e in experts]
         router.train_hash = cfg.get("train_hash")
+        tp = d / TRAIN_PROMPTS_FILE
+        router.train_prompts = tp.read_text(encoding="utf-8").split() if tp.is_file() else None
         router.meta = cfg.get("meta") or {}
         st = d / "router.safetensors"
         if not st.is_file():

@@ -7,17 +7,19 @@ MiniLM)."""
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 
-from routers.base import Router, RouterConfig, RouterError, register_router
+from routers.base import AT_LEAST_1, NON_NEGATIVE, POSITIVE, Bound, Router, RouterConfig, RouterError, register_router
 from routers.table import RoutingTable
 
 
 @dataclasses.dataclass
 class BertRouterConfig(RouterConfig):
     """Fine-tune the top layers of a BERT-style sentence encoder with a linear head."""
+
+    bounds: ClassVar[dict[str, Bound]] = {"train_layers": NON_NEGATIVE, "epochs": AT_LEAST_1, "lr": POSITIVE, "head_lr": POSITIVE, "batch_size": AT_LEAST_1, "max_length": AT_LEAST_1}
 
     encoder: str = "none"
     base: str = "zoo:minilm-l6"

@@ -34,11 +34,11 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, ClassVar, Sequence
 
 import numpy as np
 
-from routers.base import Router, RouterConfig, RouterError, register_router
+from routers.base import AT_LEAST_1, NON_NEGATIVE, POSITIVE, UNIT, Bound, Router, RouterConfig, RouterError, register_router
 from routers.encoders import normalise_rows
 from routers.table import RoutingTable, kfold_indices
 
@@ -211,6 +211,7 @@ def choose(grid: dict[Candidate, dict[str, dict[str, float]]], objective: str, z
 class GuardedRouterConfig(RouterConfig):
     """Out-of-distribution guard around a base router (see routers/guard.py)."""
 
+    bounds: ClassVar[dict[str, Bound]] = {"k": AT_LEAST_1, "low": UNIT, "high": UNIT, "grid_quantiles": UNIT, "folds": NON_NEGATIVE, "z": POSITIVE}
     encoder: str = "minilm"
     """Embedding space of the guard's statistic (independent of the base router's encoder)."""
     base: str = "ensemble"

@@ -11,11 +11,11 @@ from __future__ import annotations
 import dataclasses
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 
-from routers.base import Router, RouterConfig, RouterError, register_router
+from routers.base import AT_LEAST_1, NON_NEGATIVE, POSITIVE, Bound, Router, RouterConfig, RouterError, register_router
 from routers.table import RoutingTable
 
 
@@ -101,6 +101,7 @@ def _principal_basis(x: np.ndarray, r: int) -> np.ndarray:
 class KNNRouterConfig(RouterConfig):
     """Mean scores of the k most similar training prompts."""
 
+    bounds: ClassVar[dict[str, Bound]] = {"k": AT_LEAST_1, "temperature": POSITIVE, "project": NON_NEGATIVE, "project_weight": NON_NEGATIVE, "reduce": NON_NEGATIVE}
     k: int = 100
     """Neighbours averaged per query."""
     weighting: str = "uniform"
@@ -134,10 +135,6 @@ class KNNRouter(Router):
 
     def _fit(self, x: np.ndarray | None, table: RoutingTable) -> None:
         assert x is not None
-        if self.config.project < 0 or self.config.project_weight < 0:
-            raise RouterError(f"knn: project and project_weight must be >= 0, found {self.config.project} and {self.config.project_weight}")
-        if self.config.reduce < 0:
-            raise RouterError(f"knn: reduce must be >= 0, found {self.config.reduce}")
         self.proj_mean = self.proj_rotation = self.basis = None
         if self.config.project:
             self._fit_projection(x, table.scores)
@@ -208,6 +205,8 @@ class KNNRouter(Router):
 @dataclasses.dataclass
 class LogRegRouterConfig(RouterConfig):
     """One calibrated logistic regression per expert on standardised features."""
+
+    bounds: ClassVar[dict[str, Bound]] = {"c": POSITIVE}
 
     encoder: str = "minilm+tfidf"
     c: float = 0.01
@@ -288,6 +287,8 @@ def _numpy_to_state(model: Any, tensors: dict[str, np.ndarray]) -> None:
 class MLPRouterConfig(RouterConfig):
     """A two-layer perceptron with one output per expert."""
 
+    bounds: ClassVar[dict[str, Bound]] = {"hidden": AT_LEAST_1, "dropout": Bound(0, 1, open_high=True), "epochs": AT_LEAST_1, "lr": POSITIVE, "weight_decay": NON_NEGATIVE, "batch_size": AT_LEAST_1, "min_steps": NON_NEGATIVE}
+
     encoder: str = "minilm+tfidf"
     hidden: int = 256
     dropout: float = 0.3
@@ -341,6 +342,8 @@ class MLPRouter(Router):
 @dataclasses.dataclass
 class MFRouterConfig(RouterConfig):
     """RouteLLM's matrix factorisation: score(m, q) = w2 . (v_m * (W1 q + b)) + c_m."""
+
+    bounds: ClassVar[dict[str, Bound]] = {"dim": AT_LEAST_1, "epochs": AT_LEAST_1, "lr": POSITIVE, "weight_decay": NON_NEGATIVE, "batch_size": AT_LEAST_1}
 
     encoder: str = "minilm"
     dim: int = 128
@@ -405,6 +408,7 @@ class SubjectRouterConfig(RouterConfig):
     """Bench-CoE's subject-level router: the best expert per task (predicted from the
     prompt) or per embedding cluster."""
 
+    bounds: ClassVar[dict[str, Bound]] = {"clusters": AT_LEAST_1, "c": POSITIVE, "smoothing": NON_NEGATIVE}
     mode: str = "task"
     """'task': classify the prompt's task, then the task's mean expert scores;
     'cluster': k-means clusters of the embeddings."""
@@ -488,6 +492,8 @@ class SubjectRouter(Router):
 class EnsembleRouterConfig(RouterConfig):
     """A weighted average of member routers' predicted scores."""
 
+    bounds: ClassVar[dict[str, Bound]] = {"weights": NON_NEGATIVE}
+
     encoder: str = "none"
     members: tuple[str, ...] = ("knn", "subject:mode=cluster:clusters=32", "logreg:encoder=minilm")
     """Member routers as 'key' or 'key:option=value:...' (each trained with this seed)."""
@@ -522,6 +528,8 @@ class EnsembleRouter(Router):
         w = np.asarray(self.config.weights or [1.0] * len(self.members), dtype=np.float64)
         if len(w) != len(self.members):
             raise RouterError(f"ensemble: weights: expected {len(self.members)} numbers, found {len(w)}")
+        if not w.sum() > 0:
+            raise RouterError(f"router 'ensemble': option 'weights': expected at least one weight > 0, found {list(self.config.weights)}")
         return w / w.sum()
 
     def _predict_features(self, x: np.ndarray | None, prompts: list[str]) -> np.ndarray:
@@ -578,6 +586,14 @@ class PartitionRouterConfig(RouterConfig):
     (smoothed) mean expert scores; the partition sizes, the smoothing and the feature
     view are chosen on a validation split carved from the training table."""
 
+    bounds: ClassVar[dict[str, Bound]] = {
+        "clusters": AT_LEAST_1,
+        "repeats": AT_LEAST_1,
+        "smoothing": NON_NEGATIVE,
+        "validation": Bound(0, 1, open_low=True, open_high=True),
+        "grid_clusters": AT_LEAST_1,
+        "grid_smoothing": NON_NEGATIVE,
+    }
     encoder: str = "minilm+tfidf"
     clusters: tuple[int, ...] = (16, 24, 32)
     """Numbers of clusters; ``repeats`` k-means runs (different seeds) for each."""

@@ -198,23 +198,48 @@ class CascadePolicy(Policy):
         return {"name": self.name, "cheap": self.cheap, "strong": self.strong, "threshold": self.threshold}
 
 
-def make_policy(config: Any, experts: Sequence[str], costs: Sequence[float] | None = None) -> Policy:
-    """A policy from a spec value: 'best', {'type': 'cost', 'lambda': ..}, {'type': 'budget',
-    'expensive': NAME, 'share': .., 'threshold': ..}, {'type': 'cascade', 'cheap': NAME,
-    'strong': NAME, 'threshold': ..}."""
+#: The keys each policy type accepts in a spec's ``policy:`` mapping.
+POLICY_KEYS: dict[str, tuple[str, ...]] = {
+    "best": ("type",),
+    "cost": ("type", "lambda", "costs"),
+    "budget": ("type", "expensive", "share", "threshold"),
+    "cascade": ("type", "cheap", "strong", "threshold"),
+}
+
+
+def make_policy(config: Any, experts: Sequence[str], costs: Sequence[float] | None = None, source: str | None = None) -> Policy:
+    """A policy from a spec value: 'best', {'type': 'cost', 'lambda': .., 'costs': ..},
+    {'type': 'budget', 'expensive': NAME, 'share': .., 'threshold': ..}, {'type': 'cascade',
+    'cheap': NAME, 'strong': NAME, 'threshold': ..}. A key the type does not take, or a value
+    of the wrong kind, is a PolicyError naming it (prefixed by ``source``, e.g. the file)."""
+    at = f"{source}: " if source else ""
     if config is None or config == "best":
         return BestQualityPolicy()
     if isinstance(config, str):
         config = {"type": config}
     if not isinstance(config, dict) or "type" not in config:
-        raise PolicyError(f"policy: expected 'best' or a mapping with 'type', found {config!r}")
+        raise PolicyError(f"{at}policy: expected 'best' or a mapping with 'type', found {config!r}")
     kind = config["type"]
+    if kind not in POLICY_KEYS:
+        raise PolicyError(f"{at}policy.type: unknown policy {kind!r}; expected one of {', '.join(POLICY_KEYS)}")
+    unknown = sorted(set(config) - set(POLICY_KEYS[kind]), key=str)
+    if unknown:
+        raise PolicyError(f"{at}policy.{unknown[0]}: unknown key for policy type '{kind}'; allowed keys: {', '.join(POLICY_KEYS[kind])}")
 
     def idx(key: str) -> int:
         name = config.get(key)
         if name not in experts:
-            raise PolicyError(f"policy.{key}: unknown expert {name!r}; router experts: {', '.join(experts)}")
+            raise PolicyError(f"{at}policy.{key}: unknown expert {name!r}; router experts: {', '.join(experts)}")
         return list(experts).index(name)
+
+    def number(key: str, default: float, low: float | None = None, high: float | None = None) -> float:
+        v = config.get(key, default)
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or v != v:
+            raise PolicyError(f"{at}policy.{key}: expected a number, found {v!r}")
+        if (low is not None and v < low) or (high is not None and v > high):
+            span = f"in [{low:g}, {high:g}]" if low is not None and high is not None else f">= {low:g}"
+            raise PolicyError(f"{at}policy.{key}: expected a number {span}, found {v!r}")
+        return float(v)
 
     if kind == "best":
         return BestQualityPolicy()
@@ -223,11 +248,15 @@ def make_policy(config: Any, experts: Sequence[str], costs: Sequence[float] | No
         if isinstance(c, dict):
             missing = [e for e in experts if e not in c]
             if missing:
-                raise PolicyError(f"policy.costs: no cost for expert '{missing[0]}'")
+                raise PolicyError(f"{at}policy.costs: no cost for expert '{missing[0]}'")
+            bad = [e for e in experts if isinstance(c[e], bool) or not isinstance(c[e], (int, float)) or not c[e] >= 0]
+            if bad:
+                raise PolicyError(f"{at}policy.costs.{bad[0]}: expected a number >= 0, found {c[bad[0]]!r}")
             c = [float(c[e]) for e in experts]
-        return CostPolicy(lam=float(config.get("lambda", 0.1)), costs=c)
+        return CostPolicy(lam=number("lambda", 0.1, low=0.0), costs=c)
     if kind == "budget":
-        return BudgetPolicy(expensive=idx("expensive"), share=float(config.get("share", 0.2)), threshold=float(config.get("threshold", 0.0)))
-    if kind == "cascade":
-        return CascadePolicy(cheap=idx("cheap"), strong=idx("strong"), threshold=float(config.get("threshold", -1.0)))
-    raise PolicyError(f"policy.type: unknown policy {kind!r}; expected best, cost, budget or cascade")
+        return BudgetPolicy(expensive=idx("expensive"), share=number("share", 0.2, 0.0, 1.0), threshold=number("threshold", 0.0))
+    cheap, strong = idx("cheap"), idx("strong")
+    if cheap == strong:
+        raise PolicyError(f"{at}policy.strong: expected an expert other than the cheap one, found {experts[strong]!r} for both")
+    return CascadePolicy(cheap=cheap, strong=strong, threshold=number("threshold", -1.0))

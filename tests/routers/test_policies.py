@@ -41,3 +41,23 @@ def test_make_policy_errors_name_the_expert() -> None:
     with pytest.raises(PolicyError, match="unknown policy 'fast'"):
         make_policy({"type": "fast"}, ["a"])
     assert make_policy({"type": "cascade", "cheap": "a", "strong": "b", "threshold": -1.5}, ["a", "b"]).threshold == -1.5
+
+
+@pytest.mark.parametrize(
+    "config, message",
+    [
+        ({"type": "cost", "lamda": 5}, "policy.lamda: unknown key for policy type 'cost'; allowed keys: type, lambda, costs"),
+        ({"type": "budget", "expensive": "b", "budget": 0.3}, "policy.budget: unknown key for policy type 'budget'; allowed keys: type, expensive, share, threshold"),
+        ({"type": "cascade", "cheap": "a", "strong": "b", "treshold": -1}, "policy.treshold: unknown key for policy type 'cascade'; allowed keys: type, cheap, strong, threshold"),
+        ({"type": "best", "lambda": 0.1}, "policy.lambda: unknown key for policy type 'best'; allowed keys: type"),
+        ({"type": "cost", "lambda": "high"}, "policy.lambda: expected a number, found 'high'"),
+        ({"type": "cost", "lambda": -0.5}, "policy.lambda: expected a number >= 0, found -0.5"),
+        ({"type": "cost", "costs": {"a": 1, "b": "cheap"}}, "policy.costs.b: expected a number >= 0, found 'cheap'"),
+        ({"type": "budget", "expensive": "b", "share": 1.5}, "policy.share: expected a number in [0, 1], found 1.5"),
+        ({"type": "cascade", "cheap": "a", "strong": "a"}, "policy.strong: expected an expert other than the cheap one"),
+    ],
+)
+def test_make_policy_refuses_unknown_keys_and_bad_values(config: dict, message: str) -> None:
+    with pytest.raises(PolicyError) as e:
+        make_policy(config, ["a", "b"], source="spec.yaml")
+    assert str(e.value).startswith(f"spec.yaml: {message}")

@@ -100,7 +100,90 @@ def test_bad_router_inputs(tmp_path: Path) -> None:
         Router.load(tmp_path / "x")
 
 
+@pytest.mark.parametrize(
+    "key, options, message",
+    [
+        ("knn", {"k": 0}, "router 'knn': option 'k': expected an integer >= 1, found 0"),
+        ("knn", {"temperature": 0.0}, "router 'knn': option 'temperature': expected a number > 0, found 0.0"),
+        ("knn", {"seed": -1}, "router 'knn': option 'seed': expected an integer >= 0, found -1"),
+        ("subject", {"clusters": 0}, "router 'subject': option 'clusters': expected an integer >= 1, found 0"),
+        ("partition", {"clusters": [0, 4]}, "router 'partition': option 'clusters': expected numbers each >= 1, found 0 in [0, 4]"),
+        ("partition", {"validation": 1.0}, "router 'partition': option 'validation': expected a number in (0, 1), found 1.0"),
+        ("guarded", {"low": 1.5}, "router 'guarded': option 'low': expected a number in [0, 1], found 1.5"),
+        ("mlp", {"dropout": 1.0}, "router 'mlp': option 'dropout': expected a number in [0, 1), found 1.0"),
+        ("mf", {"lr": 0}, "router 'mf': option 'lr': expected a number > 0, found 0.0"),
+        ("bert", {"batch_size": 0}, "router 'bert': option 'batch_size': expected an integer >= 1, found 0"),
+        ("ensemble", {"weights": [1, -1]}, "router 'ensemble': option 'weights': expected numbers each >= 0, found -1 in [1, -1]"),
+    ],
+)
+def test_options_out_of_range_are_refused_by_name(key: str, options: dict, message: str) -> None:
+    with pytest.raises(RouterError) as e:
+        make_router(key, **options)
+    assert str(e.value) == message
+
+
+def test_every_numeric_option_declares_its_range(synth_table: RoutingTable) -> None:
+    """A new numeric option cannot skip the range check; and a config built by hand is checked at fit."""
+    import dataclasses
+    import re
+    import typing
+
+    from routers.base import option_bounds
+    from routers.learned import KNNRouter, KNNRouterConfig
+
+    for key, cls in REGISTRY.items():
+        hints = typing.get_type_hints(cls.config_cls)
+        numeric = [f.name for f in dataclasses.fields(cls.config_cls) if re.search(r"\b(int|float)\b", str(hints[f.name]))]
+        assert set(numeric) <= set(option_bounds(cls.config_cls)), (key, sorted(set(numeric) - set(option_bounds(cls.config_cls))))
+    with pytest.raises(RouterError, match="option 'k': expected an integer >= 1, found 0"):
+        KNNRouter(KNNRouterConfig(encoder="tfidf", k=0)).fit(synth_table)
+    from routers.learned import EnsembleRouter
+
+    members = [make_router("knn", encoder="tfidf", k=5).fit(synth_table), make_router("subject", encoder="tfidf").fit(synth_table)]
+    with pytest.raises(RouterError, match=r"option 'weights': expected at least one weight > 0, found \[0, 0\]"):
+        EnsembleRouter(make_router("ensemble", weights=[0, 0]).config, members=members).fit(synth_table).predict(["add the sum"])
+
+
+def _tiny_sentence_encoder(path: Path) -> Path:
+    """A randomly initialised one-layer BERT (16-d) in a directory sentence-transformers
+    loads with mean pooling: the MiniLM encoder's code path without the real model."""
+    import torch
+    from transformers import BertConfig, BertModel, BertTokenizer
+
+    path.mkdir()
+    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "question", "number", "about", "cats"] + [str(i) for i in range(20)]
+    (path / "vocab.txt").write_text("\n".join(words) + "\n")
+    BertTokenizer(str(path / "vocab.txt")).save_pretrained(str(path))
+    torch.manual_seed(0)
+    cfg = BertConfig(vocab_size=len(words), hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32, max_position_embeddings=64)
+    BertModel(cfg).save_pretrained(str(path))
+    return path
+
+
+def test_sentence_encoder_caches_by_content(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The embedding cache, on a tiny random encoder: a shard per batch, served from disk
+    by a fresh encoder without loading the model, equal to the uncached pass."""
+    monkeypatch.setenv("COLLAB_CACHE", str(tmp_path / "cache"))
+    from routers.encoders import MiniLMEncoder
+
+    model = str(_tiny_sentence_encoder(tmp_path / "tiny"))
+    enc = MiniLMEncoder(model=model)
+    texts = [f"question number {i} about cats" for i in range(20)]
+    a = enc.encode(texts)
+    assert a.shape == (20, 16) and np.allclose(np.linalg.norm(a, axis=1), 1, atol=1e-4)
+    assert len({tuple(np.round(v, 5)) for v in a}) > 1  # not one constant vector
+    shards = list((tmp_path / "cache" / "embeddings").rglob("*.safetensors"))
+    assert len(shards) == 1
+    fresh = MiniLMEncoder(model=model)
+    b = fresh.encode(texts[::-1])
+    np.testing.assert_allclose(b, a[::-1], atol=1e-6)
+    assert fresh._model is None  # served from disk, the model never loaded
+    np.testing.assert_allclose(enc.encode_uncached(texts[:2]), a[:2], atol=1e-5)
+
+
+@pytest.mark.slow
 def test_minilm_encoder_caches_by_content(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The same with the zoo's real MiniLM (384-d)."""
     monkeypatch.setenv("COLLAB_CACHE", str(tmp_path))
     from routers.encoders import MiniLMEncoder
 
@@ -275,7 +358,7 @@ def test_knn_projection_finds_a_buried_signal_and_roundtrips(tmp_path: Path, mon
     assert plain_loaded.proj_rotation is None
     np.testing.assert_allclose(plain_loaded.predict(te.prompts), plain.predict(te.prompts), atol=1e-6)
 
-    with pytest.raises(RouterError, match="must be >= 0"):
+    with pytest.raises(RouterError, match="option 'project': expected an integer >= 0, found -1"):
         make_router("knn", encoder="signal", project=-1).fit(tr)
     flat = RoutingTable.from_rows([{**r, "scores": {"a": 1.0, "b": 1.0}} for r in tr.rows()], source="flat")
     with pytest.raises(RouterError, match="every expert scores the same"):
@@ -307,5 +390,5 @@ def test_knn_reduce_keeps_the_neighbours_of_low_rank_features_and_roundtrips(tmp
     np.testing.assert_allclose(loaded.predict(te.prompts), reduced.predict(te.prompts), atol=1e-6)
     # reduce >= the dimension keeps the full vectors.
     assert make_router("knn", encoder="low", reduce=60).fit(tr).basis is None
-    with pytest.raises(RouterError, match="reduce must be >= 0"):
+    with pytest.raises(RouterError, match="option 'reduce': expected an integer >= 0, found -1"):
         make_router("knn", encoder="low", reduce=-1).fit(tr)

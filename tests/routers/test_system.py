@@ -146,6 +146,8 @@ def test_spec_errors(tmp_path: Path, tiny_model_dir: Path, always_a_dir: Path) -
         load_spec(_spec(tmp_path, tiny_model_dir, str(always_a_dir), "[a]"))
     with pytest.raises(SpecError, match="policy.*unknown expert 'zz'"):
         load_spec(_spec(tmp_path, tiny_model_dir, str(always_a_dir), extra=", policy: {type: budget, expensive: zz}"))
+    with pytest.raises(SpecError, match=r"spec.yaml: systems.auto.policy: policy.lamda: unknown key for policy type 'cost'; allowed keys: type, lambda, costs"):
+        load_spec(_spec(tmp_path, tiny_model_dir, str(always_a_dir), extra=", policy: {type: cost, lamda: 5}"))
     with pytest.raises(SpecError, match=r"systems.auto.device: encoder: device: expected 'cpu', 'cuda'.*found 'gpu0'"):
         load_spec(_spec(tmp_path, tiny_model_dir, str(always_a_dir), extra=", device: gpu0"))
     spec = load_spec(_spec(tmp_path, tiny_model_dir, str(always_a_dir), extra=", device: auto"))
