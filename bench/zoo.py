@@ -79,7 +79,7 @@ def main() -> int:
     from routers.api import train_router
 
     router_dir = ROOT / "examples" / "artefacts" / "zoo-router"
-    train_router([str(ROOT / "examples" / "routing" / "zoo-dev.jsonl")], "knn", router_dir, options={"k": 10})
+    train_router([str(ROOT / "examples" / "routing" / "zoo-dev.jsonl")], "knn", router_dir, options={"k": 10}, overwrite=True)
     routed = evaluate(load_spec(ROOT / "examples" / "zoo.yaml").system("auto"), "skill:mixed", limit=args.mixed_limit, out_dir=runs / "mixed-routed" / "auto")
     routed_skill: dict[str, list[float]] = {k: [] for k in SKILLS}
     for r in routed.records:

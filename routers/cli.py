@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
-from typing import Annotated, Any, Optional
+import sys
+import warnings
+from typing import Annotated, Any, Iterator, Optional
 
 import typer
 
@@ -13,6 +16,22 @@ _DATA_HELP = "A routing table: a canonical .jsonl, or a shorthand: llmrouter, ro
 
 
 _DEVICE_HELP = "Where the router's neural encoder runs: cpu, cuda, cuda:N, mps or auto (CUDA when present)."
+
+
+@contextlib.contextmanager
+def _warnings_as_lines() -> Iterator[None]:
+    """Show the library's warnings (e.g. a table's missing costs) as one ``warning: ...``
+    line on stderr, without Python's file, line number and source line."""
+
+    def show(message: Warning | str, category: type[Warning], filename: str, lineno: int, file: Any = None, line: str | None = None) -> None:
+        sys.stderr.write(f"warning: {message}\n")
+
+    from routers.table import TableWarning
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("always", TableWarning)  # every time, also when one process runs several commands
+        warnings.showwarning = show
+        yield
 
 
 def _parse_options(options: list[str] | None) -> dict[str, Any]:
@@ -39,14 +58,18 @@ def train(
     test_size: Annotated[float, typer.Option(help="Hold out this share of queries (stratified by task) for `route eval`.")] = 0.0,
     seed: Annotated[int, typer.Option(help="Seed for the split and training.")] = 0,
     device: Annotated[str, typer.Option(help=_DEVICE_HELP)] = "cpu",
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace --out if it is a trained router directory (only once the new one is complete).")] = False,
 ) -> None:
     """Train a router on one or more routing tables and save it as config.json + safetensors."""
     from routers.api import train_router
 
-    r, held = train_router(data, router, out, _parse_options(option), test_size=test_size, seed=seed, device=device)
+    with _warnings_as_lines():
+        r, held = train_router(data, router, out, _parse_options(option), test_size=test_size, seed=seed, device=device, overwrite=overwrite)
     msg = f"trained {r.key} router on {r.meta['train_queries']} queries, experts: {', '.join(r.experts)} -> {out}"
     if held is not None:
         msg += f" ({len(held)} held out for eval)"
+    else:
+        msg += " (none held out: `route eval` needs another table, or --all to score these training rows)"
     typer.echo(msg)
 
 
@@ -56,13 +79,14 @@ def evaluate(
     data: Annotated[list[str], typer.Option("--data", help=_DATA_HELP)],
     plot: Annotated[Optional[str], typer.Option("--plot", help="Write the cost-quality curve to this PNG.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object instead of a table.")] = False,
-    all_rows: Annotated[bool, typer.Option("--all", help="Score every row, not only the queries held out at training time.")] = False,
+    all_rows: Annotated[bool, typer.Option("--all", help="Score every row, also those the router was trained on (with a warning): fit, not routing.")] = False,
     device: Annotated[str, typer.Option(help=_DEVICE_HELP)] = "cpu",
 ) -> None:
-    """Score a router: each expert, best single, random at equal cost, oracles, the router (95% intervals)."""
+    """Score a router on the rows it was not trained on: each expert, best single, random at equal cost, oracles, the router (95% intervals)."""
     from routers.api import evaluate_router
 
-    ev = evaluate_router(router, data, plot=plot, heldout=not all_rows, device=device)
+    with _warnings_as_lines():
+        ev = evaluate_router(router, data, plot=plot, heldout=not all_rows, device=device)
     d = ev.to_json()
     if as_json:
         typer.echo(json.dumps(d, sort_keys=True))
@@ -70,7 +94,7 @@ def evaluate(
     from rich.console import Console
     from rich.table import Table
 
-    t = Table(title=f"router {d['router']} on {d['queries']} queries")
+    t = Table(title=f"router {d['router']} on {d['queries']} {'held-out ' if d['rows'] == 'held-out' else ''}queries" + (f", {d['training_rows']} of them training rows" if d["training_rows"] else ""))
     for col in ("system", "accuracy", "95% interval", "mean cost", "share"):
         t.add_column(col)
     for e, x in d["experts"].items():
@@ -107,8 +131,12 @@ def ask(
 
     pol: Any = policy
     if policy.startswith("cost:"):
-        pol = {"type": "cost", "lambda": float(policy.split(":", 1)[1])}
-    res = ask_fn(router, prompt, pol, device=device)
+        try:
+            pol = {"type": "cost", "lambda": float(policy.split(":", 1)[1])}
+        except ValueError:
+            raise typer.BadParameter(f"expected 'best' or 'cost:LAMBDA' with a number, found {policy!r}", param_hint="--policy") from None
+    with _warnings_as_lines():
+        res = ask_fn(router, prompt, pol, device=device)
     if as_json:
         typer.echo(json.dumps(res))
         return

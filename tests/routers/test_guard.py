@@ -88,9 +88,43 @@ def test_threshold_is_a_quantile_of_the_training_statistic() -> None:
     np.fill_diagonal(s, -np.inf)
     own = np.sort(s, axis=1)[:, -5:].mean(axis=1)
     assert g.thresholds[0] == pytest.approx(np.quantile(own, 0.2), abs=1e-5)
-    # The test prompts played no part: refitting on train + far test prompts would move it, fitting on train does not.
-    g2 = _fixed_guard(tr, base, low=0.2, high=0.2)
-    assert g2.thresholds[0] == g.thresholds[0]
+
+
+def _with_far_prompts(t: RoutingTable, ids: set[str]) -> RoutingTable:
+    """``t`` with the rows ``ids`` turned into far-away prompts whose scores are flipped."""
+    rows = [dict(r, prompt=f"{FAR} {r['id']}", scores={e: 1.0 - v for e, v in r["scores"].items()}) if r["id"] in ids else r for r in t.rows()]
+    return RoutingTable.from_rows(rows, source="variant")
+
+
+def test_held_out_rows_play_no_part_in_the_guard(tmp_path: Path) -> None:
+    """Trained with --test-size, the guard (its calibration, thresholds and saved tensors)
+    is the same whatever the held-out rows say, and changes when training rows change."""
+    from safetensors.numpy import load_file
+
+    from routers.api import train_router
+
+    t = _table()
+    held_ids = set(t.split(0.25, seed=0)[1].ids)
+    opts = {"base": "knn:encoder=tfidf:k=5", "encoder": "tfidf", "k": 5, "folds": 3, "grid_quantiles": [0.05, 0.2]}
+
+    def train(table: RoutingTable, name: str) -> tuple[Router, dict]:
+        table.save(tmp_path / f"{name}.jsonl")
+        r, held = train_router([str(tmp_path / f"{name}.jsonl")], "guarded", tmp_path / name, dict(opts), test_size=0.25, seed=0)
+        assert held is not None and set(held.ids) == held_ids
+        return r, load_file(str(tmp_path / name / "router.safetensors"))
+
+    g, tensors = train(t, "orig")
+    g_test, tensors_test = train(_with_far_prompts(t, held_ids), "test-changed")
+    assert g_test.train_hash == g.train_hash and g_test.meta["guard"] == g.meta["guard"]
+    np.testing.assert_array_equal(g_test.thresholds, g.thresholds)
+    assert tensors_test.keys() == tensors.keys()
+    for k in tensors:
+        np.testing.assert_array_equal(tensors_test[k], tensors[k], err_msg=k)
+    # The same change to as many training rows moves the guard.
+    train_ids = set(sorted(set(t.ids) - held_ids)[: len(held_ids)])
+    g_train, tensors_train = train(_with_far_prompts(t, train_ids), "train-changed")
+    assert g_train.train_hash != g.train_hash and not np.array_equal(g_train.thresholds, g.thresholds)
+    assert tensors_train.keys() != tensors.keys() or any(tensors_train[k].shape != tensors[k].shape or not np.array_equal(tensors_train[k], tensors[k]) for k in tensors)
 
 
 def test_calibration_uses_training_folds_only_and_roundtrips(tmp_path: Path) -> None:
