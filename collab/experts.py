@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
 from collab.errors import CollabError, ContextLengthError, ModelLoadError
-from collab.generation import QueueStreamer, RowLimits, StopFlag, StopStrings, first_stop, stopping
 from collab.io import atomic_directory, atomic_write_json, cache_root
 from collab.packing import PackedBatch, PackedRow, pack_rows
 from collab.system import BaseSystem, Completion, GenerationRequest, Message, StreamChunk, Usage
@@ -27,6 +26,8 @@ from collab.system import BaseSystem, Completion, GenerationRequest, Message, St
 if TYPE_CHECKING:
     import numpy as np
     import torch
+
+    from collab.decode import Session
 
 #: Prompt format for models whose tokenizer has no chat template (e.g. Gemma-3-270M
 #: base). An optional system message comes first, then alternating turns, and the
@@ -228,7 +229,8 @@ class Expert(BaseSystem):
         self.ref = ref
         self.batch_size = batch_size
         self.share_context = True
-        self._slices_logits: bool | None = None  # whether forward takes logits_to_keep (found on first use)
+        self._slices_logits: bool | None = None  # whether forward takes a boolean logits_to_keep (found on first use)
+        self._forward_args: frozenset[str] | None = None
         if tokenizer.pad_token_id is None:
             tokenizer.pad_token = tokenizer.eos_token
         tokenizer.padding_side = "left"
@@ -364,179 +366,61 @@ class Expert(BaseSystem):
         bos = self.tokenizer.bos_token_id
         return int(bos) if bos is not None else self.eos_token_ids[0]
 
-    def _stops(self, request: GenerationRequest) -> list[str]:
+    def stops_for(self, request: GenerationRequest) -> list[str]:
+        """The stop strings of ``request``, plus the turn marker of the plain prompt format."""
         stops = list(request.stop)
         if request.messages is not None and self.prompt_format == "plain":
             stops.append(PLAIN_STOP)
         return stops
 
-    def _trace(self, request: GenerationRequest) -> dict[str, Any]:
+    def trace_for(self, request: GenerationRequest) -> dict[str, Any]:
+        """The trace of one answer: which expert, in which prompt format."""
         fmt = "raw" if request.prompt is not None else self.prompt_format
         return {"system": self.name, "type": "expert", "expert": self.name, "prompt_format": fmt}
 
-    def _generate_kwargs(self, request: GenerationRequest, max_new: int) -> dict[str, Any]:
-        kw: dict[str, Any] = {
-            "max_new_tokens": max_new,
-            "pad_token_id": self.tokenizer.pad_token_id,
-            "eos_token_id": self.eos_token_ids,
-        }
-        if request.greedy:
-            kw.update(do_sample=False, temperature=None, top_p=None, top_k=None)
-        else:
-            kw.update(do_sample=True, temperature=float(request.temperature), top_p=float(request.top_p), top_k=0)
-        return kw
-
-    def _max_new(self, request: GenerationRequest, prompt_len: int) -> int:
+    def max_new_tokens(self, request: GenerationRequest, prompt_len: int) -> int:
+        """How many tokens ``request`` may add to a prompt of ``prompt_len`` tokens."""
         return max(1, min(request.max_tokens, self.context_window - prompt_len))
 
-    def _finish(self, request: GenerationRequest, gen_ids: list[int], max_new: int) -> tuple[str, str, int]:
-        """Cut generated ids at EOS and stop strings; return (text, finish_reason, n_tokens)."""
-        finish = "length"
-        for i, t in enumerate(gen_ids):
-            if t in self.eos_token_ids:
-                gen_ids = gen_ids[:i]
-                finish = "stop"
-                break
-        n = len(gen_ids)
-        text = self.tokenizer.decode(gen_ids, skip_special_tokens=True)
-        cut = first_stop(text, self._stops(request))
-        if cut is not None:
-            text, finish = text[:cut], "stop"
-        elif finish == "length" and n < max_new:
-            finish = "stop"
-        return text, finish, n
-
     # -------------------------------------------------------------- generation
+    # All three go through collab.decode's loop: the same tokens, stops and usage
+    # whether a request is generated alone, in a batch or streamed.
     def generate(self, request: GenerationRequest) -> Completion:
-        import torch
+        from collab import decode
 
-        ids = self.encode(request)
-        max_new = self._max_new(request, len(ids))
-        stops = self._stops(request)
-        kw = self._generate_kwargs(request, max_new)
-        if stops:
-            kw["stopping_criteria"] = stopping([StopStrings(self.tokenizer, stops, len(ids))])
-        input_ids = torch.tensor([ids], device=self.device)
-        with self._lock, torch.inference_mode():
-            if request.seed is not None:
-                torch.manual_seed(request.seed)
-            out = self.model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), **kw)
-        text, finish, n = self._finish(request, out[0, len(ids):].tolist(), max_new)
-        return Completion(text=text, finish_reason=finish, usage=Usage(len(ids), n), trace=self._trace(request))
+        return decode.generate(self, request)
 
     def generate_batch(self, requests: Sequence[GenerationRequest]) -> list[Completion]:
         """Generate for several requests in padded batches of ``batch_size``.
 
-        Requests are grouped by sampling settings and batched by prompt length;
+        Prompts of similar length share a batch (less padding to compute);
         results come back in the order of ``requests``. Greedy answers match
-        ``generate`` up to float rounding from padding."""
+        ``generate`` up to float rounding from padding; a seeded sample is the
+        same alone or in a batch, up to the same rounding."""
+        from collab import decode
+
+        encoded = [self.encode(r) for r in requests]
+        order = sorted(range(len(requests)), key=lambda i: len(encoded[i]))
         results: list[Completion | None] = [None] * len(requests)
-        groups: dict[tuple[Any, ...], list[int]] = {}
-        for i, r in enumerate(requests):
-            key = (float(r.temperature), float(r.top_p), r.seed)
-            groups.setdefault(key, []).append(i)
-        encoded: dict[int, list[int]] = {}
-        for idx in groups.values():
-            if len(idx) > self.batch_size:  # similar lengths share a batch: less padding to compute
-                encoded.update((i, self.encode(requests[i])) for i in idx)
-                idx.sort(key=lambda i: len(encoded[i]))
-            for start in range(0, len(idx), self.batch_size):
-                chunk = idx[start : start + self.batch_size]
-                done = self._generate_padded([requests[i] for i in chunk], [encoded.get(i) for i in chunk])
-                for i, c in zip(chunk, done):
-                    results[i] = c
+        for start in range(0, len(order), self.batch_size):
+            chunk = order[start : start + self.batch_size]
+            done = decode.generate_batch(self, [requests[i] for i in chunk], prompts=[encoded[i] for i in chunk])
+            for i, c in zip(chunk, done):
+                results[i] = c
         return [c for c in results if c is not None]
-
-    def _generate_padded(self, requests: list[GenerationRequest], known: list[list[int] | None]) -> list[Completion]:
-        """One padded ``generate`` call; ``known`` holds prompt ids already encoded (or None)."""
-        import torch
-
-        if len(requests) == 1:
-            return [self.generate(requests[0])]
-        encoded = [k if k is not None else self.encode(r) for r, k in zip(requests, known)]
-        width = max(len(e) for e in encoded)
-        pad = self.tokenizer.pad_token_id
-        input_ids = torch.tensor([[pad] * (width - len(e)) + e for e in encoded], device=self.device)
-        mask = torch.tensor([[0] * (width - len(e)) + [1] * len(e) for e in encoded], device=self.device)
-        max_news = [self._max_new(r, width) for r in requests]
-        kw = self._generate_kwargs(requests[0], max(max_news))
-        kw["stopping_criteria"] = stopping([RowLimits(self.tokenizer, [self._stops(r) for r in requests], max_news, width)])
-        with self._lock, torch.inference_mode():
-            if requests[0].seed is not None:
-                torch.manual_seed(requests[0].seed)
-            out = self.model.generate(input_ids=input_ids, attention_mask=mask, **kw)
-        comps = []
-        for row, (r, e, mx) in enumerate(zip(requests, encoded, max_news)):
-            gen = out[row, width:].tolist()[:mx]
-            if pad in gen:  # a row that stopped before the others is padded to the batch's length
-                gen = gen[: gen.index(pad) + (1 if pad in self.eos_token_ids else 0)]
-            text, finish, n = self._finish(r, gen, mx)
-            comps.append(Completion(text=text, finish_reason=finish, usage=Usage(len(e), n), trace=self._trace(r)))
-        return comps
 
     def stream(self, request: GenerationRequest) -> Iterator[StreamChunk]:
         """Yield text as it is generated; the joined chunks equal ``generate``'s text."""
-        import torch
+        from collab import decode
 
-        ids = self.encode(request)
-        max_new = self._max_new(request, len(ids))
-        stops = self._stops(request)
-        hold = max((len(s) for s in stops), default=1) - 1
-        streamer = QueueStreamer()
-        kw = self._generate_kwargs(request, max_new)
-        crit = [StopFlag(streamer)]
-        if stops:
-            crit.append(StopStrings(self.tokenizer, stops, len(ids)))
-        kw["stopping_criteria"] = stopping(crit)
-        input_ids = torch.tensor([ids], device=self.device)
+        return decode.stream(self, request)
 
-        def run() -> None:
-            try:
-                with self._lock, torch.inference_mode():
-                    if request.seed is not None:
-                        torch.manual_seed(request.seed)
-                    self.model.generate(
-                        input_ids=input_ids, attention_mask=torch.ones_like(input_ids), streamer=streamer, **kw
-                    )
-            except BaseException as e:  # handed to the consumer thread
-                streamer.fail(e)
+    def session(self, prompts: Sequence[Sequence[int]], *, hidden_states: bool = False, grad: bool = False) -> "Session":
+        """A KV-cache session over ``prompts`` (token ids): prefilled now, then fed
+        token by token or chunk by chunk (``collab.decode.Session``)."""
+        from collab.decode import Session
 
-        worker = threading.Thread(target=run, name=f"collab-stream-{self.name}", daemon=True)
-        worker.start()
-        gen: list[int] = []
-        emitted = 0
-        finish: str | None = None
-        try:
-            for token in streamer:
-                if token in self.eos_token_ids:
-                    finish = "stop"
-                    break
-                gen.append(token)
-                text = self.tokenizer.decode(gen, skip_special_tokens=True)
-                cut = first_stop(text, stops)
-                if cut is not None:
-                    if cut > emitted:
-                        yield StreamChunk(text=text[emitted:cut])
-                    emitted, finish = cut, "stop"
-                    break
-                safe = len(text) - hold
-                while safe > emitted and text[safe - 1] == "\ufffd":
-                    safe -= 1
-                if safe > emitted:
-                    yield StreamChunk(text=text[emitted:safe])
-                    emitted = safe
-        finally:
-            streamer.stop_requested = True
-            worker.join()
-        streamer.raise_if_failed()
-        text = self.tokenizer.decode(gen, skip_special_tokens=True)
-        cut = first_stop(text, stops)
-        if cut is not None:
-            text, finish = text[:cut], "stop"
-        elif finish is None:
-            finish = "length" if len(gen) >= max_new else "stop"
-        tail = text[emitted:]
-        yield StreamChunk(text=tail, finish_reason=finish, usage=Usage(len(ids), len(gen)), trace=self._trace(request))
+        return Session(self, prompts, hidden_states=hidden_states, grad=grad)
 
     # ------------------------------------------------------------------ scoring
     def _split_context(self, context: str, continuation: str) -> tuple[list[int], list[int]]:
@@ -601,7 +485,7 @@ class Expert(BaseSystem):
         args = {"input_ids": ids.to(dev), "attention_mask": mask.to(dev), "position_ids": pos.to(dev), "use_cache": False}
         n_keep = int(keep.sum())
         if self._slices_logits is None:
-            self._slices_logits = "logits_to_keep" in inspect.signature(self.model.forward).parameters
+            self._slices_logits = self._takes("logits_to_keep")
         with self._lock, torch.inference_mode():
             if self._slices_logits:
                 try:
@@ -646,21 +530,39 @@ class Expert(BaseSystem):
         past_key_values: Any = None,
         output_hidden_states: bool = False,
         use_cache: bool = True,
+        *,
+        position_ids: "torch.Tensor | None" = None,
+        grad: bool = False,
+        logits_to_keep: int = 0,
     ) -> Any:
         """One forward pass: the HF output with ``.logits`` (B, T, V),
-        ``.past_key_values`` (the KV cache) and, if asked, ``.hidden_states``."""
+        ``.past_key_values`` (the KV cache) and, if asked, ``.hidden_states``.
+
+        ``attention_mask`` covers the cached tokens and the new ones (B, past + T);
+        ``position_ids`` (B, T) place left-padded rows; ``grad=True`` runs outside
+        inference mode so training code can backpropagate; ``logits_to_keep=k``
+        computes logits for the last k positions only (0: all)."""
+        import contextlib
+
         import torch
 
         kwargs: dict[str, Any] = {"output_hidden_states": output_hidden_states, "use_cache": use_cache}
         if past_key_values is not None:
             # transformers >= 5.2x names the KV cache argument ``cache``; older releases ``past_key_values``
             kwargs[self._cache_arg] = past_key_values
-        with self._lock, torch.inference_mode():
+        if position_ids is not None:
+            kwargs["position_ids"] = position_ids.to(self.device)
+        if logits_to_keep and self._takes("logits_to_keep"):
+            kwargs["logits_to_keep"] = logits_to_keep
+        mode = contextlib.nullcontext() if grad else torch.inference_mode()
+        with self._lock, mode:
             out = self.model(
                 input_ids=input_ids.to(self.device),
                 attention_mask=None if attention_mask is None else attention_mask.to(self.device),
                 **kwargs,
             )
+        if logits_to_keep and out.logits.shape[1] > logits_to_keep:
+            out.logits = out.logits[:, -logits_to_keep:]
         if not hasattr(out, "past_key_values") and hasattr(out, "cache"):
             out.past_key_values = out.cache
         return out
@@ -674,12 +576,15 @@ class Expert(BaseSystem):
         with self._lock:
             return pooled_hidden_states(self.model, self.tokenizer, list(texts), layers, max_tokens, batch_size)
 
+    def _takes(self, argument: str) -> bool:
+        """Whether the model's forward takes ``argument`` (read once per model)."""
+        if getattr(self, "_forward_args", None) is None:
+            self._forward_args = frozenset(inspect.signature(self.model.forward).parameters)
+        return argument in self._forward_args
+
     @property
     def _cache_arg(self) -> str:
-        if getattr(self, "_cache_arg_name", None) is None:
-            params = inspect.signature(self.model.forward).parameters
-            self._cache_arg_name = "cache" if "cache" in params else "past_key_values"
-        return self._cache_arg_name
+        return "cache" if self._takes("cache") else "past_key_values"
 
 
 def _apply_adapter(model: Any, adapter_dir: Path) -> Any:
@@ -805,16 +710,35 @@ class RemoteExpert(BaseSystem):
         yield StreamChunk(text="", finish_reason=finish or "stop", usage=usage, trace=self._trace(remote_trace))
 
     def loglikelihood(self, context: str, continuation: str) -> float:
+        """log P(continuation | context), from the endpoint's echoed prompt logprobs."""
+        return self.loglikelihood_batch([(context, continuation)])[0][0]
+
+    def loglikelihood_batch(self, pairs: Sequence[tuple[str, str]], batch_size: int | None = None) -> list[tuple[float, bool]]:
+        """For each (context, continuation): the summed log-probability and whether
+        every continuation token was the endpoint's top choice (False where the
+        endpoint returns no top logprobs). One request per pair."""
         from collab.errors import RemoteError
 
-        body = {"model": self.model, "prompt": context + continuation, "max_tokens": 0, "echo": True, "logprobs": 1, "temperature": 0}
-        data = self._post("/completions", body)
-        lp = (data["choices"][0].get("logprobs") or {})
-        offsets, token_lps = lp.get("text_offset"), lp.get("token_logprobs")
-        if not offsets or token_lps is None:
-            raise RemoteError(f"remote expert '{self.name}': the endpoint returned no echoed logprobs; it cannot score text")
-        start = len(context)
-        return float(sum(v for off, v in zip(offsets, token_lps) if off >= start and v is not None))
+        out = []
+        for context, continuation in pairs:
+            body = {"model": self.model, "prompt": context + continuation, "max_tokens": 0, "echo": True, "logprobs": 1, "temperature": 0}
+            data = self._post("/completions", body)
+            lp = data["choices"][0].get("logprobs") or {}
+            offsets, token_lps = lp.get("text_offset"), lp.get("token_logprobs")
+            if not offsets or token_lps is None:
+                raise RemoteError(f"remote expert '{self.name}': the endpoint returned no echoed logprobs; it cannot score text")
+            tokens, tops = lp.get("tokens") or [], lp.get("top_logprobs") or []
+            start = len(context)
+            total, greedy = 0.0, bool(tops)
+            for i, (off, v) in enumerate(zip(offsets, token_lps)):
+                if off < start or v is None:
+                    continue
+                total += float(v)
+                top = tops[i] if i < len(tops) else None
+                if not top or i >= len(tokens) or max(top, key=top.get) != tokens[i]:
+                    greedy = False
+            out.append((total, greedy))
+        return out
 
     def close(self) -> None:
         self._client.close()

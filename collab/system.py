@@ -174,5 +174,23 @@ def collect_stream(chunks: Iterator[StreamChunk]) -> Completion:
     )
 
 
-def supports_loglikelihood(system: object) -> bool:
-    return callable(getattr(system, "loglikelihood", None))
+@runtime_checkable
+class Scorer(Protocol):
+    """A System that can score text: the summed log-probability of each
+    continuation given its context, and whether it is the greedy one (as
+    lm-eval's ``loglikelihood`` returns). Experts, local and remote, are Scorers;
+    a router or a co-decoder is one only where it defines these."""
+
+    name: str
+
+    def loglikelihood(self, context: str, continuation: str) -> float: ...
+
+    def loglikelihood_batch(self, pairs: Sequence[tuple[str, str]], batch_size: int | None = None) -> list[tuple[float, bool]]: ...
+
+
+def scorer(system: object, purpose: str) -> Scorer:
+    """``system`` as a Scorer, or a RequestError naming it and what needed the scores."""
+    if not isinstance(system, Scorer):
+        name = getattr(system, "name", type(system).__name__)
+        raise RequestError(f"system '{name}' cannot score text (it has no loglikelihood), which {purpose} needs")
+    return system

@@ -283,3 +283,17 @@ def test_bad_dtype_and_device_name_the_expert(tiny_model_dir: Path) -> None:
     if not torch.cuda.is_available():
         with pytest.raises(ModelLoadError, match=r"expert 'x': device 'cuda': this torch build sees no CUDA device"):
             Expert.load(tiny_model_dir, name="x", device="cuda")
+
+
+def test_experts_are_scorers_and_other_systems_are_refused_by_name(tiny_expert: Any) -> None:
+    from collab.experts import RemoteExpert
+    from collab.system import BaseSystem, Scorer, scorer
+
+    assert isinstance(tiny_expert, Scorer) and scorer(tiny_expert, "a test") is tiny_expert
+    assert isinstance(RemoteExpert("http://127.0.0.1:9/v1", "m"), Scorer)
+
+    class Talker(BaseSystem):
+        name = "talker"
+
+    with pytest.raises(RequestError, match=r"system 'talker' cannot score text \(it has no loglikelihood\), which multiple choice needs"):
+        scorer(Talker(), "multiple choice")
