@@ -15,7 +15,7 @@ __version__ = "0.1.0"
 
 _EXPORTS = {
     "Expert": "collab.experts",
-    "RemoteExpert": "collab.experts",
+    "RemoteExpert": "collab.remote",
     "GenerationRequest": "collab.system",
     "Completion": "collab.system",
     "StreamChunk": "collab.system",

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
@@ -127,9 +128,23 @@ def zoo_list(
     Console().print(table)
 
 
+@zoo_app.command("build")
+def zoo_build(
+    only: Annotated[Optional[list[str]], typer.Option("--only", help="Build only this domain expert (repeatable), e.g. smol-arith.")] = None,
+    out: Annotated[Optional[Path], typer.Option("--out", help="Write the adapters here instead of the shipped zoo directory.")] = None,
+    steps: Annotated[Optional[int], typer.Option("--steps", min=1, help="Override the number of training steps.")] = None,
+) -> None:
+    """Fine-tune the zoo's domain experts (LoRA on SmolLM2-135M-Instruct); resumes if interrupted."""
+    from collab.zoo_build import build_zoo
+
+    for path in build_zoo(only=only, out_dir=out, steps=steps):
+        info = json.loads((path / "collab_train.json").read_text())
+        typer.echo(f"{info['name']}: {path} ({info['seconds']} s, final loss {info['final_loss']:.4f})")
+
+
 #: Modules that add commands to ``app``, each through ``register(app)``. They
 #: import only typer at module level so that ``collab --help`` stays fast.
-COMMAND_MODULES = ("evals.cli", "routers.cli", "merging.cli", "collab.zoo_build")
+COMMAND_MODULES = ("evals.cli", "routers.cli", "merging.cli")
 
 
 def _register_commands() -> None:

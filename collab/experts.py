@@ -10,18 +10,15 @@ the KV cache (``Expert.forward``).
 from __future__ import annotations
 
 import inspect
-import json
 import os
 import threading
-import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
 from collab.errors import CollabError, ContextLengthError, ModelLoadError
-from collab.io import atomic_directory, atomic_write_json, cache_root
 from collab.packing import PackedBatch, PackedRow, pack_rows
-from collab.system import BaseSystem, Completion, GenerationRequest, Message, StreamChunk, Usage
+from collab.refs import dequantised_dir, resolve_ref
+from collab.system import BaseSystem, Completion, GenerationRequest, Message, StreamChunk
 
 if TYPE_CHECKING:
     import numpy as np
@@ -40,7 +37,6 @@ PLAIN_STOP = "\nUser:"
 
 #: The ``dtype`` values an expert loads in.
 DTYPES = ("auto", "float32", "bfloat16", "float16")
-GGUF_CACHE_VERSION = 1
 
 
 def render_plain_prompt(messages: Sequence[Message]) -> str:
@@ -59,71 +55,6 @@ def render_plain_prompt(messages: Sequence[Message]) -> str:
             parts.append(m["content"].strip() + "\n")
     parts.append(PLAIN_ASSISTANT)
     return "".join(parts)
-
-
-@dataclass
-class ResolvedRef:
-    """Where a model reference points: a directory to load from, and how."""
-
-    path: Path
-    gguf_file: str | None = None
-    cache_key: str | None = None
-    name: str | None = None
-    prompt_format: str | None = None
-    adapter: Path | None = None
-    base_ref: str | None = None
-
-
-def resolve_ref(ref: str | os.PathLike[str]) -> ResolvedRef:
-    """Turn ``zoo:NAME``, a ``.gguf`` path or a directory into a ResolvedRef, or
-    raise ModelLoadError naming what is missing."""
-    ref_s = str(ref)
-    if ref_s.startswith("zoo:"):
-        from collab import zoo
-
-        return zoo.resolve(ref_s[4:])
-    path = Path(ref_s).expanduser()
-    if not path.exists():
-        raise ModelLoadError(f"{ref_s}: no such file or directory (expected a Hugging Face model directory, a .gguf file or zoo:NAME)")
-    if path.is_file():
-        if path.suffix.lower() != ".gguf":
-            raise ModelLoadError(f"{ref_s}: expected a .gguf file or a model directory, found a '{path.suffix}' file")
-        _check_gguf_magic(path)
-        st = path.stat()
-        key = f"{path.resolve()}:{st.st_size}:{st.st_mtime_ns}"
-        import hashlib
-
-        return ResolvedRef(
-            path=path.parent,
-            gguf_file=path.name,
-            cache_key=f"{path.stem}-{hashlib.sha1(key.encode()).hexdigest()[:12]}",
-            name=path.stem,
-        )
-    if (path / "adapter_config.json").exists():
-        cfg = json.loads((path / "adapter_config.json").read_text())
-        base = cfg.get("base_model_name_or_path")
-        if not base:
-            raise ModelLoadError(f"{path}/adapter_config.json: field 'base_model_name_or_path' is missing")
-        base_res = resolve_ref(base if str(base).startswith("zoo:") or Path(base).is_absolute() else _relative(path, base))
-        base_res.adapter = path
-        base_res.name = path.name
-        base_res.base_ref = str(base)
-        return base_res
-    if not (path / "config.json").exists():
-        raise ModelLoadError(f"{path}: not a model directory (config.json not found)")
-    return ResolvedRef(path=path, name=path.name)
-
-
-def _relative(adapter_dir: Path, base: str) -> str:
-    candidate = adapter_dir / base
-    return str(candidate) if candidate.exists() else base
-
-
-def _check_gguf_magic(path: Path) -> None:
-    with open(path, "rb") as f:
-        magic = f.read(4)
-    if magic != b"GGUF":
-        raise ModelLoadError(f"{path}: not a GGUF file (expected magic bytes b'GGUF', found {magic!r}); the file is corrupt or of another format")
 
 
 #: Files of which at least one makes a directory's tokenizer loadable.
@@ -153,56 +84,6 @@ def _torch_dtype(dtype: str, what: str) -> Any:
     import torch
 
     return "auto" if dtype == "auto" else getattr(torch, dtype)
-
-
-def gguf_cache_dir(cache_key: str) -> Path:
-    """Where the de-quantised safetensors of the GGUF with ``cache_key`` live."""
-    return cache_root() / "gguf" / f"{cache_key}-v{GGUF_CACHE_VERSION}"
-
-
-def dequantised_dir(res: ResolvedRef) -> Path:
-    """The safetensors model directory for a GGUF reference: de-quantised on first
-    use into ``$COLLAB_CACHE/gguf/``, reused afterwards."""
-    assert res.gguf_file is not None and res.cache_key is not None
-    target = gguf_cache_dir(res.cache_key)
-    if (target / "collab_source.json").exists():
-        return target
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()
-    gguf_path = res.path / res.gguf_file
-    if not gguf_path.exists():
-        raise ModelLoadError(f"{gguf_path}: GGUF file not found")
-    _check_gguf_magic(gguf_path)
-    t0 = time.perf_counter()
-    import sys
-
-    sys.stderr.write(f"collab: de-quantising {gguf_path.name} once (tens of seconds); cached in {target}\n")
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(str(res.path), gguf_file=res.gguf_file)
-        model = AutoModelForCausalLM.from_pretrained(str(res.path), gguf_file=res.gguf_file, dtype=torch.float32)
-    except Exception as e:  # gguf's reader raises many kinds of errors on a damaged file
-        raise ModelLoadError(f"{gguf_path}: cannot read GGUF model ({type(e).__name__}: {e})") from e
-    # A GGUF-loaded model carries a quantization_config and refuses save_pretrained;
-    # the weights are already de-quantised, so drop it and save a plain model.
-    for holder in (model.config, getattr(model, "hf_quantizer", None)):
-        if holder is not None and hasattr(holder, "quantization_config"):
-            try:
-                delattr(holder, "quantization_config")
-            except AttributeError:
-                pass
-    model.hf_quantizer = None
-    model.is_quantized = False
-    with atomic_directory(target, overwrite=True) as tmp:
-        model.save_pretrained(str(tmp), safe_serialization=True)
-        tokenizer.save_pretrained(str(tmp))
-        atomic_write_json(
-            tmp / "collab_source.json",
-            {"gguf": str(gguf_path), "seconds": round(time.perf_counter() - t0, 2), "version": GGUF_CACHE_VERSION},
-        )
-    return target
 
 
 class Expert(BaseSystem):
@@ -602,153 +483,3 @@ def _apply_adapter(model: Any, adapter_dir: Path) -> Any:
         warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
         peft_model = PeftModel.from_pretrained(model, str(adapter_dir))
         return peft_model.merge_and_unload()
-
-
-class RemoteExpert(BaseSystem):
-    """An expert behind an OpenAI-compatible HTTP endpoint (vLLM, SGLang, another ``collab serve``).
-
-    ``url`` is the API base (``http://host:port/v1``). Chat requests go to
-    ``/chat/completions``, raw prompts to ``/completions``; streaming reads the
-    server-sent events. ``loglikelihood`` uses ``/completions`` with
-    ``echo`` and ``logprobs``, which vLLM and collab serve support.
-    """
-
-    def __init__(self, url: str, model: str, api_key: str | None = None, name: str | None = None, timeout: float = 120.0) -> None:
-        import httpx
-
-        self.url = url.rstrip("/")
-        self.model = model
-        self.name = name or model
-        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-        self._client = httpx.Client(base_url=self.url, headers=headers, timeout=timeout)
-
-    def _body(self, request: GenerationRequest, stream: bool) -> tuple[str, dict[str, Any]]:
-        body: dict[str, Any] = {
-            "model": self.model,
-            "max_tokens": request.max_tokens,
-            "temperature": request.temperature,
-            "top_p": request.top_p,
-            "stream": stream,
-        }
-        if request.stop:
-            body["stop"] = request.stop
-        if request.seed is not None:
-            body["seed"] = request.seed
-        if stream:
-            body["stream_options"] = {"include_usage": True}
-        if request.messages is not None:
-            body["messages"] = request.messages
-            return "/chat/completions", body
-        body["prompt"] = request.prompt
-        return "/completions", body
-
-    def _trace(self, remote_trace: Any = None) -> dict[str, Any]:
-        t: dict[str, Any] = {"system": self.name, "type": "remote", "expert": self.name, "url": self.url, "model": self.model}
-        if remote_trace:
-            t["remote"] = remote_trace
-        return t
-
-    def _post(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
-        import httpx
-
-        from collab.errors import RemoteError
-
-        try:
-            resp = self._client.post(path, json=body)
-        except httpx.HTTPError as e:
-            raise RemoteError(f"remote expert '{self.name}' at {self.url}{path}: {type(e).__name__}: {e}") from e
-        if resp.status_code != 200:
-            raise RemoteError(f"remote expert '{self.name}' at {self.url}{path}: HTTP {resp.status_code}: {_error_message(resp)}")
-        return resp.json()
-
-    def generate(self, request: GenerationRequest) -> Completion:
-        path, body = self._body(request, stream=False)
-        data = self._post(path, body)
-        choice = data["choices"][0]
-        text = choice["message"]["content"] if "message" in choice else choice["text"]
-        usage = data.get("usage") or {}
-        return Completion(
-            text=text or "",
-            finish_reason=choice.get("finish_reason") or "stop",
-            usage=Usage(int(usage.get("prompt_tokens", 0)), int(usage.get("completion_tokens", 0))),
-            trace=self._trace(data.get("collab")),
-        )
-
-    def stream(self, request: GenerationRequest) -> Iterator[StreamChunk]:
-        import httpx
-
-        from collab.errors import RemoteError
-
-        path, body = self._body(request, stream=True)
-        finish: str | None = None
-        usage = Usage()
-        remote_trace = None
-        try:
-            with self._client.stream("POST", path, json=body) as resp:
-                if resp.status_code != 200:
-                    resp.read()
-                    raise RemoteError(f"remote expert '{self.name}' at {self.url}{path}: HTTP {resp.status_code}: {_error_message(resp)}")
-                for line in resp.iter_lines():
-                    if not line.startswith("data:"):
-                        continue
-                    payload = line[5:].strip()
-                    if payload == "[DONE]":
-                        break
-                    event = json.loads(payload)
-                    if event.get("usage"):
-                        u = event["usage"]
-                        usage = Usage(int(u.get("prompt_tokens", 0)), int(u.get("completion_tokens", 0)))
-                    remote_trace = event.get("collab") or remote_trace
-                    for choice in event.get("choices") or []:
-                        delta = choice.get("delta", {}).get("content") if "delta" in choice else choice.get("text")
-                        if delta:
-                            yield StreamChunk(text=delta)
-                        if choice.get("finish_reason"):
-                            finish = choice["finish_reason"]
-        except httpx.HTTPError as e:
-            raise RemoteError(f"remote expert '{self.name}' at {self.url}{path}: {type(e).__name__}: {e}") from e
-        yield StreamChunk(text="", finish_reason=finish or "stop", usage=usage, trace=self._trace(remote_trace))
-
-    def loglikelihood(self, context: str, continuation: str) -> float:
-        """log P(continuation | context), from the endpoint's echoed prompt logprobs."""
-        return self.loglikelihood_batch([(context, continuation)])[0][0]
-
-    def loglikelihood_batch(self, pairs: Sequence[tuple[str, str]], batch_size: int | None = None) -> list[tuple[float, bool]]:
-        """For each (context, continuation): the summed log-probability and whether
-        every continuation token was the endpoint's top choice (False where the
-        endpoint returns no top logprobs). One request per pair."""
-        from collab.errors import RemoteError
-
-        out = []
-        for context, continuation in pairs:
-            body = {"model": self.model, "prompt": context + continuation, "max_tokens": 0, "echo": True, "logprobs": 1, "temperature": 0}
-            data = self._post("/completions", body)
-            lp = data["choices"][0].get("logprobs") or {}
-            offsets, token_lps = lp.get("text_offset"), lp.get("token_logprobs")
-            if not offsets or token_lps is None:
-                raise RemoteError(f"remote expert '{self.name}': the endpoint returned no echoed logprobs; it cannot score text")
-            tokens, tops = lp.get("tokens") or [], lp.get("top_logprobs") or []
-            start = len(context)
-            total, greedy = 0.0, bool(tops)
-            for i, (off, v) in enumerate(zip(offsets, token_lps)):
-                if off < start or v is None:
-                    continue
-                total += float(v)
-                top = tops[i] if i < len(tops) else None
-                if not top or i >= len(tokens) or max(top, key=top.get) != tokens[i]:
-                    greedy = False
-            out.append((total, greedy))
-        return out
-
-    def close(self) -> None:
-        self._client.close()
-
-
-def _error_message(resp: Any) -> str:
-    try:
-        err = resp.json().get("error")
-        if isinstance(err, dict):
-            return str(err.get("message"))
-        return str(err or resp.text[:200])
-    except ValueError:
-        return resp.text[:200]

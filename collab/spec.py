@@ -205,7 +205,7 @@ class Spec:
         if name not in self._built:
             es = self.experts[name]
             if es.remote:
-                from collab.experts import RemoteExpert
+                from collab.remote import RemoteExpert
 
                 opts = {k: es.options[k] for k in ("timeout",) if k in es.options}
                 self._built[name] = RemoteExpert(es.url, es.model, api_key=es.api_key, name=name, **opts)

