@@ -31,25 +31,6 @@ def _root(
     _state["debug"] = debug
 
 
-def _load_system(ref_or_spec: str, system: Optional[str]):  # noqa: ANN202 - returns a System
-    """A System from a spec file (``--system`` picks one) or from a model reference."""
-    if ref_or_spec.endswith((".yaml", ".yml")):
-        from collab.spec import load_spec
-
-        spec = load_spec(ref_or_spec)
-        if system is None:
-            names = spec.names()
-            if len(names) != 1:
-                raise typer.BadParameter(f"the spec defines {len(names)} systems ({', '.join(names)}); pick one with --system")
-            system = names[0]
-        return spec.system(system)
-    if system is not None:
-        raise typer.BadParameter("--system needs a spec file (.yaml) as first argument")
-    from collab.experts import Expert
-
-    return Expert.load(ref_or_spec)
-
-
 @app.command()
 def generate(
     ref_or_spec: Annotated[str, typer.Argument(help="A model reference (zoo:NAME, a .gguf file, a model directory) or a spec .yaml.")],
@@ -76,7 +57,9 @@ def generate(
         stop=stop or [],
         stream=True,
     )
-    sys_ = _load_system(ref_or_spec, system)
+    from collab.spec import open_system
+
+    sys_ = open_system(ref_or_spec, system)
     last = None
     for chunk in sys_.stream(req):
         sys.stdout.write(chunk.text)

@@ -156,3 +156,54 @@ def _error_message(resp: Any) -> str:
         return str(err or resp.text[:200])
     except ValueError:
         return resp.text[:200]
+
+
+class FallbackSystem(BaseSystem):
+    """A remote expert that hands a request to another system when the endpoint
+    fails (``fallback:`` in a spec). Only endpoint failures (``RemoteError``:
+    unreachable, timed out, an HTTP error) fall back; a request the user got
+    wrong fails as it would have. A stream falls back only if the endpoint failed
+    before its first chunk; after that the error is raised. The completion's
+    trace records ``fallback_from`` and the endpoint's error."""
+
+    def __init__(self, primary: RemoteExpert, fallback: Any) -> None:
+        self.primary = primary
+        self.fallback = fallback
+        self.name = primary.name
+
+    def _note(self, trace: dict[str, Any] | None, error: RemoteError) -> dict[str, Any]:
+        return {**(trace or {}), "system": self.name, "fallback_from": self.primary.name, "fallback_error": str(error)}
+
+    def generate(self, request: GenerationRequest) -> Completion:
+        try:
+            return self.primary.generate(request)
+        except RemoteError as e:
+            c = self.fallback.generate(request)
+            c.trace = self._note(c.trace, e)
+            return c
+
+    def stream(self, request: GenerationRequest) -> Iterator[StreamChunk]:
+        chunks = self.primary.stream(request)
+        try:
+            first = next(chunks)
+        except StopIteration:
+            return
+        except RemoteError as e:
+            for ch in self.fallback.stream(request):
+                if ch.finish_reason is not None:
+                    ch.trace = self._note(ch.trace, e)
+                yield ch
+            return
+        yield first
+        yield from chunks
+
+    def loglikelihood(self, context: str, continuation: str) -> float:
+        return self.loglikelihood_batch([(context, continuation)])[0][0]
+
+    def loglikelihood_batch(self, pairs: Sequence[tuple[str, str]], batch_size: int | None = None) -> list[tuple[float, bool]]:
+        from collab.system import scorer
+
+        try:
+            return self.primary.loglikelihood_batch(pairs, batch_size)
+        except RemoteError:
+            return scorer(self.fallback, f"the fallback of '{self.name}'").loglikelihood_batch(pairs, batch_size)

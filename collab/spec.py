@@ -143,6 +143,7 @@ class Spec:
             raise self.error("experts", "the spec defines no experts and no systems")
         for name, cfg in experts.items():
             self.experts[str(name)] = self._parse_expert(str(name), cfg)
+        self._check_fallbacks(set(experts) | set(systems))
         types = system_types()
         for name, cfg in systems.items():
             kp = f"systems.{name}"
@@ -157,6 +158,25 @@ class Spec:
             self.systems[str(name)] = dict(cfg)
         for name, cfg in self.systems.items():
             types[cfg["type"]]().validate(self, name, cfg)
+
+    def _check_fallbacks(self, names: set[str]) -> None:
+        """Each ``fallback`` names another system, and following them never loops."""
+        for name, es in self.experts.items():
+            if "fallback" not in es.options:
+                continue
+            kp = f"experts.{name}.fallback"
+            if not es.remote:
+                raise self.error(kp, "only a remote expert (url:) falls back; a local expert has no endpoint to fail")
+            seen = [name]
+            target = es.options["fallback"]
+            while target is not None:
+                if not isinstance(target, str) or target not in names:
+                    raise self.error(kp, f"unknown system {target!r}; defined: {', '.join(sorted(names))}")
+                if target in seen:
+                    raise self.error(kp, f"fallbacks loop: {' -> '.join([*seen, target])}")
+                seen.append(target)
+                nxt = self.experts.get(target)
+                target = nxt.options.get("fallback") if nxt is not None else None
 
     def _parse_expert(self, name: str, cfg: Any) -> ExpertSpec:
         kp = f"experts.{name}"
@@ -205,10 +225,12 @@ class Spec:
         if name not in self._built:
             es = self.experts[name]
             if es.remote:
-                from collab.remote import RemoteExpert
+                from collab.remote import FallbackSystem, RemoteExpert
 
                 opts = {k: es.options[k] for k in ("timeout",) if k in es.options}
-                self._built[name] = RemoteExpert(es.url, es.model, api_key=es.api_key, name=name, **opts)
+                remote = RemoteExpert(es.url, es.model, api_key=es.api_key, name=name, **opts)
+                fallback = es.options.get("fallback")
+                self._built[name] = FallbackSystem(remote, self.system(fallback)) if fallback else remote
             else:
                 from collab.experts import Expert
 
@@ -226,6 +248,25 @@ class Spec:
             cfg = self.systems[name]
             self._built[name] = system_types()[cfg["type"]]().build(self, name, cfg)
         return self._built[name]
+
+
+def open_system(ref_or_spec: str, system: str | None = None) -> Any:
+    """A System from a spec file (``system`` picks one of its systems; optional
+    when it defines exactly one) or from a model reference (``zoo:NAME``, a
+    ``.gguf`` file, a model directory), loaded as an Expert."""
+    if str(ref_or_spec).endswith((".yaml", ".yml")):
+        spec = load_spec(ref_or_spec)
+        if system is None:
+            names = spec.names()
+            if len(names) != 1:
+                raise SpecError(f"{ref_or_spec}: the spec defines {len(names)} systems ({', '.join(names)}); pick one with --system")
+            system = names[0]
+        return spec.system(system)
+    if system is not None:
+        raise SpecError(f"{ref_or_spec}: a system name ('{system}') needs a spec file (.yaml), not a model reference")
+    from collab.experts import Expert
+
+    return Expert.load(ref_or_spec)
 
 
 def load_spec(path: str | os.PathLike[str]) -> Spec:

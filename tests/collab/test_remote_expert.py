@@ -73,3 +73,49 @@ def test_remote_expert_in_a_spec(peer: Peer, tmp_path: Path, monkeypatch: pytest
     far = load_spec(p).system("far")
     assert isinstance(far, RemoteExpert)
     assert far.generate(GenerationRequest.chat("hi", max_tokens=3)).usage.completion_tokens <= 3
+
+
+def test_failed_endpoint_falls_back_as_the_spec_says(tmp_path: Path, tiny_model_dir: Path, tiny_expert: Any) -> None:
+    from collab.spec import load_spec
+
+    p = tmp_path / "s.yaml"
+    p.write_text(
+        f"experts:\n  near: {{ref: {tiny_model_dir}}}\n"
+        "  far: {url: 'http://127.0.0.1:9/v1', model: m, timeout: 2, fallback: near}\n"
+    )
+    far = load_spec(p).system("far")
+    req = GenerationRequest.chat("What is 2 + 2?", max_tokens=6)
+    c = far.generate(req)
+    assert c.text == tiny_expert.generate(req).text
+    assert c.trace["system"] == "far" and c.trace["fallback_from"] == "far" and c.trace["expert"] == "near"
+    assert "127.0.0.1:9" in c.trace["fallback_error"]
+    chunks = list(far.stream(req))
+    assert "".join(ch.text for ch in chunks) == c.text and chunks[-1].trace["fallback_from"] == "far"
+    assert far.loglikelihood("The capital of France is", " Paris") == pytest.approx(tiny_expert.loglikelihood("The capital of France is", " Paris"))
+
+
+def test_a_live_endpoint_does_not_fall_back(peer: Peer, tmp_path: Path, tiny_model_dir: Path) -> None:
+    from collab.spec import load_spec
+
+    p = tmp_path / "s.yaml"
+    p.write_text(f"experts:\n  near: {{ref: {tiny_model_dir}}}\n  far: {{url: {peer.url}, model: tiny-remote, api_key: sekret, fallback: near}}\n")
+    c = load_spec(p).system("far").generate(GenerationRequest.chat("hi", max_tokens=3))
+    assert c.trace["type"] == "remote" and "fallback_from" not in c.trace
+
+
+@pytest.mark.parametrize(
+    "experts, match",
+    [
+        ("  a: {ref: zoo:gemma3-270m, fallback: b}\n  b: {ref: zoo:gemma3-270m}", r"experts.a.fallback: only a remote expert"),
+        ("  a: {url: 'http://x/v1', model: m, fallback: nobody}", r"experts.a.fallback: unknown system 'nobody'"),
+        ("  a: {url: 'http://x/v1', model: m, fallback: b}\n  b: {url: 'http://y/v1', model: m, fallback: a}", r"fallbacks loop: a -> b -> a"),
+    ],
+)
+def test_fallback_errors_name_the_key(tmp_path: Path, experts: str, match: str) -> None:
+    from collab.errors import SpecError
+    from collab.spec import load_spec
+
+    p = tmp_path / "s.yaml"
+    p.write_text("experts:\n" + experts + "\n")
+    with pytest.raises(SpecError, match=match):
+        load_spec(p)
