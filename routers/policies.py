@@ -86,22 +86,32 @@ class BestQualityPolicy(Policy):
 
 @dataclass
 class CostPolicy(Policy):
-    """Pick argmax of predicted score - lam * cost (cost per expert, e.g. relative price)."""
+    """Pick argmax of predicted score - lam * cost (cost per expert, e.g. relative price).
+
+    ``costs`` given here (a spec's ``policy.costs``) win over the ones ``decide`` is
+    passed (a RoutedSystem passes the router's mean training costs); with neither it
+    is a PolicyError, not a silent ranking by score alone."""
 
     lam: float = 0.1
     costs: Sequence[float] | None = None
     name: str = "cost"
 
     def decide(self, pred: np.ndarray, experts: Sequence[str], costs: np.ndarray | None = None) -> list[Decision]:
-        c = np.asarray(self.costs if self.costs is not None else (costs if costs is not None else np.ones(len(experts))), dtype=np.float64)
-        if c.shape[-1] != len(experts):
-            raise PolicyError(f"policy 'cost': {c.shape[-1]} costs for {len(experts)} experts")
-        util = np.asarray(pred) - self.lam * np.broadcast_to(c, np.asarray(pred).shape)
+        chosen = self.costs if self.costs is not None else costs
+        if chosen is None:
+            raise PolicyError(f"policy 'cost': no cost for the experts ({', '.join(experts)}); give policy.costs, or use a router that records its training costs")
+        c = np.asarray(chosen, dtype=np.float64)
+        if c.ndim == 0 or c.shape[-1] != len(experts):
+            raise PolicyError(f"policy 'cost': expected {len(experts)} costs ({', '.join(experts)}), found {c.shape[-1] if c.ndim else 1}")
+        pred = np.asarray(pred, dtype=np.float64)
+        cost = np.broadcast_to(c, pred.shape)  # (n, E): one cost per expert, or per query and expert
+        util = pred - self.lam * cost
         out = []
-        for i, row in enumerate(util):
-            rank = _ranking(row - 1e-9 * np.broadcast_to(c, util.shape)[i])
-            j = rank[0]
-            out.append(Decision(rank, f"best score - {self.lam:g} x cost: {experts[j]} ({pred[i][j]:.3f} - {self.lam:g} x {np.broadcast_to(c, util.shape)[i][j]:g})"))
+        for row, u, cr in zip(pred, util, cost):
+            rank = _ranking(u - 1e-9 * cr)  # ties go to the cheaper expert
+            terms = [f"{experts[j]} ({row[j]:.3f} - {self.lam:g} x {cr[j]:g} = {u[j]:.3f})" for j in rank[:2]]
+            second = f", next {terms[1]}" if len(terms) > 1 else ""
+            out.append(Decision(rank, f"best score - {self.lam:g} x cost: {terms[0]}{second}"))
         return out
 
     def describe(self) -> dict[str, Any]:
@@ -207,6 +217,29 @@ POLICY_KEYS: dict[str, tuple[str, ...]] = {
 }
 
 
+def parse_costs(value: Any, experts: Sequence[str], where: str = "costs") -> list[float]:
+    """Per-expert costs, in ``experts`` order, from a spec's mapping ``{expert: cost >= 0}``
+    (or a list in that order). ``where`` names the key in errors (``policy.costs``)."""
+    if isinstance(value, dict):
+        missing = [e for e in experts if e not in value]
+        if missing:
+            raise PolicyError(f"{where}: no cost for expert '{missing[0]}'; expected one for each of {', '.join(experts)}")
+        unknown = [str(e) for e in value if e not in experts]
+        if unknown:
+            raise PolicyError(f"{where}.{unknown[0]}: not one of the router's experts ({', '.join(experts)})")
+        items = [(f"{where}.{e}", value[e]) for e in experts]
+    elif isinstance(value, (list, tuple)):
+        if len(value) != len(experts):
+            raise PolicyError(f"{where}: expected {len(experts)} costs ({', '.join(experts)}), found {len(value)}")
+        items = [(f"{where}[{i}]", v) for i, v in enumerate(value)]
+    else:
+        raise PolicyError(f"{where}: expected a mapping {{expert: cost >= 0}}, found {value!r}")
+    for key, v in items:
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not v >= 0:
+            raise PolicyError(f"{key}: expected a number >= 0, found {v!r}")
+    return [float(v) for _, v in items]
+
+
 def make_policy(config: Any, experts: Sequence[str], costs: Sequence[float] | None = None, source: str | None = None) -> Policy:
     """A policy from a spec value: 'best', {'type': 'cost', 'lambda': .., 'costs': ..},
     {'type': 'budget', 'expensive': NAME, 'share': .., 'threshold': ..}, {'type': 'cascade',
@@ -244,15 +277,7 @@ def make_policy(config: Any, experts: Sequence[str], costs: Sequence[float] | No
     if kind == "best":
         return BestQualityPolicy()
     if kind == "cost":
-        c = config.get("costs", costs)
-        if isinstance(c, dict):
-            missing = [e for e in experts if e not in c]
-            if missing:
-                raise PolicyError(f"{at}policy.costs: no cost for expert '{missing[0]}'")
-            bad = [e for e in experts if isinstance(c[e], bool) or not isinstance(c[e], (int, float)) or not c[e] >= 0]
-            if bad:
-                raise PolicyError(f"{at}policy.costs.{bad[0]}: expected a number >= 0, found {c[bad[0]]!r}")
-            c = [float(c[e]) for e in experts]
+        c = parse_costs(config["costs"], experts, f"{at}policy.costs") if "costs" in config else costs
         return CostPolicy(lam=number("lambda", 0.1, low=0.0), costs=c)
     if kind == "budget":
         return BudgetPolicy(expensive=idx("expensive"), share=number("share", 0.2, 0.0, 1.0), threshold=number("threshold", 0.0))

@@ -61,3 +61,11 @@ def test_make_policy_refuses_unknown_keys_and_bad_values(config: dict, message: 
     with pytest.raises(PolicyError) as e:
         make_policy(config, ["a", "b"], source="spec.yaml")
     assert str(e.value).startswith(f"spec.yaml: {message}")
+
+
+def test_cost_policy_weighs_the_costs_it_is_passed_and_refuses_none() -> None:
+    pred = np.array([[0.9, 0.8]])
+    assert CostPolicy(lam=0.05).decide(pred, ["big", "small"], np.array([10.0, 1.0]))[0].ranking == [1, 0]
+    assert CostPolicy(lam=0.05, costs=[1.0, 1.0]).decide(pred, ["big", "small"], np.array([10.0, 1.0]))[0].ranking == [0, 1]  # its own win
+    with pytest.raises(PolicyError, match=r"policy 'cost': no cost for the experts \(big, small\)"):
+        CostPolicy(lam=0.05).decide(pred, ["big", "small"])
