@@ -169,22 +169,13 @@ def evaluate_router(router_dir: str | os.PathLike[str], data: Sequence[str], plo
 
 
 def ask(router_dir: str | os.PathLike[str], prompt: str, policy: Any = None, device: str = "cpu") -> dict[str, Any]:
-    """Route one prompt: the chosen expert, every expert's predicted score and the reason."""
-    from routers.policies import annotate, make_policy
+    """Route one prompt as a spec's ``type: route`` system would (``RoutedSystem.explain``,
+    the router's training costs for a cost policy): the chosen expert, the ranking, every
+    expert's predicted score, the policy and its reason."""
+    from collab.system import GenerationRequest
+    from routers.policies import make_policy
+    from routers.system import RoutedSystem
 
     r = Router.load(router_dir).to(device)
-    pred, notes = r.explain([prompt])
-    pol = make_policy(policy, r.experts, r.meta.get("train_mean_costs"))
-    d = pol.decide(pred, r.experts, np.asarray(r.meta["train_mean_costs"]) if "train_mean_costs" in r.meta else None)[0]
-    if notes[0]:
-        annotate(d, notes[0])
-    out = {
-        "routed_to": r.experts[d.ranking[0]],
-        "scores": {e: float(s) for e, s in zip(r.experts, pred[0])},
-        "ranking": [r.experts[j] for j in d.ranking],
-        "policy": pol.name,
-        "reason": d.reason,
-        "router": r.key,
-    }
-    out.update(d.extra)
-    return out
+    system = RoutedSystem(Path(router_dir).name, r, None, policy=make_policy(policy, r.experts))
+    return system.explain(GenerationRequest(prompt=prompt))

@@ -142,8 +142,11 @@ def ask(
         return
     typer.echo(f"routed to: {res['routed_to']}")
     typer.echo(f"why: {res['reason']}")
+    costs = res.get("costs")
+    if costs:
+        typer.echo(f"costs: {res['costs_from']}")
     for e in res["ranking"]:
-        typer.echo(f"  {e:40s} {res['scores'][e]:.4f}")
+        typer.echo(f"  {e:40s} {res['scores'][e]:.4f}" + (f"  cost {costs[e]:g}" if costs else ""))
 
 
 def register(app: typer.Typer) -> None:

@@ -8,38 +8,59 @@ In a spec::
         router: artefacts/router-knn      # a directory written by `collab route train`
         experts: [smol, gemma]
         policy: best                      # or {type: cost, lambda: 0.1}, {type: budget, ...}, {type: cascade, ...}
+        costs: {smol: 1, gemma: 4}        # optional: each expert's cost (default: the router's mean training costs)
         last_turn_only: false             # route on the whole conversation (default) or the last user turn
         names: {router-name: spec-name}   # optional: the router's expert names -> the spec's
         fallback: true                    # on an expert error, try the next-ranked expert
 
 The completion is the expert's own, with the route in its trace; the expert's
-trace is kept under ``expert_trace``.
+trace is kept under ``expert_trace``. ``collab route ask`` routes through the same
+``RoutedSystem.explain``, built without experts.
 """
 
 from __future__ import annotations
 
 import json
-from typing import Any, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Iterator, Mapping, Protocol, Sequence, runtime_checkable
 
 import numpy as np
 
-from collab.errors import CollabError
-from collab.system import BaseSystem, Completion, GenerationRequest, StreamChunk
-from routers.policies import CascadePolicy, Decision, Policy, annotate, make_policy
+from collab.errors import CollabError, RequestError
+from collab.system import BaseSystem, Completion, GenerationRequest, Scorer, StreamChunk, scorer
+from routers.policies import CascadePolicy, CostPolicy, Decision, Policy, PolicyError, annotate, make_policy, parse_costs
+
+if TYPE_CHECKING:
+    from routers.base import Router
+
+
+@runtime_checkable
+class RendersRequests(Protocol):
+    """A system that can show the exact text its model is given for a request
+    (``Expert.render``: the chat template applied), so that an answer can be scored
+    in the context it was generated in."""
+
+    def render(self, request: GenerationRequest) -> str: ...
 
 
 class RoutedSystem(BaseSystem):
-    """Routes each request among ``experts`` (name -> System) with ``router`` and ``policy``."""
+    """Routes each request among ``experts`` (name -> System) with ``router`` and ``policy``.
+
+    ``costs`` are each expert's cost in the router's expert order, for policies that
+    weigh cost; by default the router's mean training costs (``meta.train_mean_costs``,
+    recorded by ``collab route train``). A policy's own costs (``policy.costs``) win
+    over both. ``experts=None`` builds a system that only routes (``route``,
+    ``explain``), as ``collab route ask`` does; it cannot generate."""
 
     def __init__(
         self,
         name: str,
-        router: Any,
-        experts: dict[str, Any],
+        router: Router,
+        experts: Mapping[str, BaseSystem] | None,
         policy: Policy | None = None,
         last_turn_only: bool = False,
         fallback: bool = True,
         names: dict[str, str] | None = None,
+        costs: Sequence[float] | None = None,
     ) -> None:
         from routers.policies import BestQualityPolicy
 
@@ -47,28 +68,72 @@ class RoutedSystem(BaseSystem):
         self.router = router
         names = names or {}
         self.expert_names = [names.get(e, e) for e in router.experts]  # spec names, in router order
-        missing = [e for e in self.expert_names if e not in experts]
-        if missing:
-            raise ValueError(f"route system '{name}': router expert '{missing[0]}' has no system (given: {', '.join(experts)})")
+        if experts is not None:
+            missing = [e for e in self.expert_names if e not in experts]
+            if missing:
+                raise ValueError(f"route system '{name}': router expert '{missing[0]}' has no system (given: {', '.join(experts)})")
         self.experts = experts
         self.policy = policy or BestQualityPolicy()
         self.last_turn_only = last_turn_only
         self.fallback = fallback
+        self.costs_source = "the route system's costs" if costs is not None else "the router's mean training costs"
+        if costs is None:
+            costs = router.meta.get("train_mean_costs")
+        if costs is not None and len(costs) != len(self.expert_names):
+            raise PolicyError(f"route system '{name}': {len(costs)} costs for the router's {len(self.expert_names)} experts ({', '.join(self.expert_names)})")
+        self.costs = np.asarray(costs, dtype=np.float64) if costs is not None else None
+        if isinstance(self.policy, CostPolicy) and self.policy.costs is None and self.costs is None:
+            raise PolicyError(
+                f"route system '{name}': policy 'cost' needs each expert's cost, and router '{router.key}' records no training costs; "
+                f"give them in the spec (systems.{name}.costs: {{{', '.join(f'{e}: 1' for e in self.expert_names)}}})"
+            )
+        if isinstance(self.policy, CascadePolicy) and experts is not None:
+            scorer(experts[self.expert_names[self.policy.cheap]], "a cascade's cheap expert")
 
     # ------------------------------------------------------------ routing
     def route(self, requests: Sequence[GenerationRequest]) -> list[tuple[Decision, np.ndarray]]:
         """For each request: the policy's decision and the router's (E,) predicted scores."""
         texts = [r.text_for_routing(last_turn_only=self.last_turn_only) for r in requests]
-        explain = getattr(self.router, "explain", None)
-        if callable(explain):
-            pred, notes = explain(texts)
-        else:
-            pred, notes = self.router.predict(texts), [None] * len(texts)
-        decisions = self.policy.decide(pred, self.expert_names)
+        pred, notes = self.router.explain(texts)
+        decisions = self.policy.decide(pred, self.expert_names, self.costs)
         for d, note in zip(decisions, notes):
             if note:
                 annotate(d, note)
         return list(zip(decisions, pred))
+
+    def policy_costs(self) -> tuple[list[float], str] | None:
+        """The costs the policy weighs and where they come from, or None if it weighs none."""
+        if not isinstance(self.policy, CostPolicy):
+            return None
+        if self.policy.costs is not None:
+            return [float(c) for c in self.policy.costs], "the policy"
+        assert self.costs is not None  # checked in __init__
+        return [float(c) for c in self.costs], self.costs_source
+
+    def explain(self, request: GenerationRequest) -> dict[str, Any]:
+        """Why ``request`` goes where it goes, without generating: the chosen expert, the
+        ranking, every expert's predicted score, the policy, its reason, the costs it
+        weighed (cost policy) and the router's notes (e.g. the guard's verdict)."""
+        decision, pred = self.route([request])[0]
+        out: dict[str, Any] = {
+            "routed_to": self.expert_names[decision.ranking[0]],
+            "scores": {e: float(s) for e, s in zip(self.expert_names, pred)},
+            "ranking": [self.expert_names[j] for j in decision.ranking],
+            "policy": self.policy.name,
+            "reason": decision.reason,
+            "router": self.router.key,
+        }
+        weighed = self.policy_costs()
+        if weighed is not None:
+            out["costs"] = dict(zip(self.expert_names, weighed[0]))
+            out["costs_from"] = weighed[1]
+        out.update(decision.extra)
+        return out
+
+    def _expert(self, j: int) -> BaseSystem:
+        if self.experts is None:
+            raise RequestError(f"route system '{self.name}' was built to route only (no experts), so it cannot generate")
+        return self.experts[self.expert_names[j]]
 
     def _trace(self, decision: Decision, pred: np.ndarray, chosen: int, expert_trace: Any, failures: list[dict[str, str]], extra: dict[str, Any] | None = None) -> dict[str, Any]:
         t: dict[str, Any] = {
@@ -99,7 +164,7 @@ class RoutedSystem(BaseSystem):
         failures: list[dict[str, str]] = []
         last_error: Exception | None = None
         for j in self._candidates(decision):
-            expert = self.experts[self.expert_names[j]]
+            expert = self._expert(j)
             try:
                 c = expert.generate(request)
             except Exception as e:  # noqa: BLE001 - fall back to the next-ranked expert
@@ -114,13 +179,13 @@ class RoutedSystem(BaseSystem):
     def _cascade(self, request: GenerationRequest, decision: Decision, pred: np.ndarray) -> Completion:
         policy = self.policy
         assert isinstance(policy, CascadePolicy)
-        cheap = self.experts[self.expert_names[policy.cheap]]
+        cheap = scorer(self._expert(policy.cheap), "a cascade's cheap expert")
         c = cheap.generate(request)
         conf = answer_confidence(cheap, request, c)
         if not policy.escalate(conf):
             c.trace = self._trace(decision, pred, policy.cheap, c.trace, [], {"confidence": conf, "reason": f"cascade: {self.expert_names[policy.cheap]} confident ({conf:.3f} >= {policy.threshold:.3f})"})
             return c
-        strong = self.experts[self.expert_names[policy.strong]]
+        strong = self._expert(policy.strong)
         s = strong.generate(request)
         reason = f"cascade: {self.expert_names[policy.cheap]} unsure ({conf:.3f} < {policy.threshold:.3f}), escalated to {self.expert_names[policy.strong]}"
         s.trace = self._trace(decision, pred, policy.strong, s.trace, [], {"confidence": conf, "reason": reason, "cheap_trace": c.trace})
@@ -139,7 +204,7 @@ class RoutedSystem(BaseSystem):
         failures: list[dict[str, str]] = []
         last_error: Exception | None = None
         for j in self._candidates(decision):
-            expert = self.experts[self.expert_names[j]]
+            expert = self._expert(j)
             started = False
             try:
                 for chunk in expert.stream(request):
@@ -166,9 +231,9 @@ class RoutedSystem(BaseSystem):
             groups.setdefault(d.ranking[0], []).append(i)
         out: list[Completion | None] = [None] * len(requests)
         for j, idx in groups.items():
-            expert = self.experts[self.expert_names[j]]
+            expert = self._expert(j)
             try:
-                batch = expert.generate_batch([requests[i] for i in idx]) if hasattr(expert, "generate_batch") else [expert.generate(requests[i]) for i in idx]
+                batch: list[Completion | None] = list(expert.generate_batch([requests[i] for i in idx]))
             except Exception:  # noqa: BLE001 - redo this group one by one, with fallback
                 if not self.fallback:
                     raise
@@ -183,22 +248,29 @@ class RoutedSystem(BaseSystem):
         return [c for c in out if c is not None]
 
 
-def answer_confidence(expert: Any, request: GenerationRequest, completion: Completion) -> float:
-    """Mean token log-probability of ``completion.text`` given the rendered request."""
+def answer_confidence(expert: Scorer, request: GenerationRequest, completion: Completion) -> float:
+    """Mean token log-probability of ``completion.text`` given the text the expert was fed:
+    its rendering of ``request`` (an Expert applies its chat template), or the raw prompt.
+    A chat request to an expert that cannot render one (a remote expert) is a PolicyError."""
     if not completion.text:
         return 0.0
-    if not callable(getattr(expert, "loglikelihood", None)) or not callable(getattr(expert, "render", None)):
-        from routers.policies import PolicyError
-
-        raise PolicyError(f"cascade: expert '{getattr(expert, 'name', expert)}' cannot score text (no loglikelihood), so it cannot be the cheap expert")
-    ll = expert.loglikelihood(expert.render(request), completion.text)
+    if isinstance(expert, RendersRequests):
+        context = expert.render(request)
+    elif request.prompt is not None:
+        context = request.prompt
+    else:
+        raise PolicyError(
+            f"cascade: the cheap expert '{expert.name}' cannot render a chat request into the text its model was given "
+            f"(it has no render, e.g. a remote expert), so its answer's confidence cannot be scored; send a raw prompt or make a local expert the cheap one"
+        )
+    ll = expert.loglikelihood(context, completion.text)
     return float(ll) / max(1, completion.usage.completion_tokens)
 
 
 class RoutedSystemType:
     """``type: route`` in a spec: validates the router directory and the experts, builds a RoutedSystem."""
 
-    keys = {"type", "router", "experts", "policy", "last_turn_only", "fallback", "names", "device"}
+    keys = {"type", "router", "experts", "policy", "costs", "last_turn_only", "fallback", "names", "device"}
 
     def validate(self, spec: Any, name: str, config: dict[str, Any]) -> None:
         kp = f"systems.{name}"
@@ -235,24 +307,43 @@ class RoutedSystemType:
             if key in config and not isinstance(config[key], bool):
                 raise spec.error(f"{kp}.{key}", f"expected true or false, found {config[key]!r}")
         try:
-            make_policy(config.get("policy"), router_experts)
+            policy = make_policy(config.get("policy"), router_experts)
         except ValueError as e:
             raise spec.error(f"{kp}.policy", str(e)) from e
+        if "costs" in config:
+            if isinstance(config.get("policy"), dict) and "costs" in config["policy"]:
+                raise spec.error(f"{kp}.costs", f"given twice, here and in {kp}.policy.costs; keep one")
+            try:
+                parse_costs(config["costs"], router_experts, "costs")
+            except PolicyError as e:
+                raise spec.error(f"{kp}.costs", str(e)) from e
+        elif isinstance(policy, CostPolicy) and policy.costs is None and not (rcfg.get("meta") or {}).get("train_mean_costs"):
+            raise spec.error(
+                f"{kp}.policy",
+                f"policy 'cost' needs each expert's cost, and the router '{config['router']}' records no training costs; "
+                f"give them as {kp}.costs: {{{', '.join(f'{e}: 1' for e in router_experts)}}}",
+            )
 
     def build(self, spec: Any, name: str, config: dict[str, Any]) -> RoutedSystem:
         from routers.base import Router
 
+        kp = f"systems.{name}"
         router = Router.load(spec.resolve_path(config["router"])).to(str(config.get("device", "cpu")))
         names = config.get("names") or {}
         spec_names = [names.get(e, e) for e in router.experts]
         experts = {e: spec.system(e) for e in spec_names}
         policy = make_policy(config.get("policy"), spec_names)
-        return RoutedSystem(
-            name,
-            router,
-            experts,
-            policy=policy,
-            last_turn_only=bool(config.get("last_turn_only", False)),
-            fallback=bool(config.get("fallback", True)),
-            names=names,
-        )
+        costs = parse_costs(config["costs"], spec_names, f"{kp}.costs") if "costs" in config else None
+        try:
+            return RoutedSystem(
+                name,
+                router,
+                experts,
+                policy=policy,
+                last_turn_only=bool(config.get("last_turn_only", False)),
+                fallback=bool(config.get("fallback", True)),
+                names=names,
+                costs=costs,
+            )
+        except RequestError as e:  # a cascade's cheap expert that cannot score text
+            raise spec.error(f"{kp}.policy.cheap", str(e)) from e

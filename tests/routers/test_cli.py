@@ -36,6 +36,10 @@ def test_train_eval_ask(synth_path: Path, tmp_path: Path) -> None:
     assert a["routed_to"] == "mathy" and set(a["scores"]) == {"mathy", "histy"} and "highest predicted score" in a["reason"]
     r = runner.invoke(app, ["route", "ask", "--router", str(out), "Tell me about the emperor war dynasty in rome"])
     assert r.exit_code == 0 and "routed to: histy" in r.output
+    # the cost policy weighs the router's mean training costs (histy 4, mathy 1) and shows them
+    r = runner.invoke(app, ["route", "ask", "--router", str(out), "--policy", "cost:0.5", "Tell me about the emperor war dynasty in rome"])
+    assert r.exit_code == 0 and "routed to: mathy" in r.output and "why: best score - 0.5 x cost: mathy (" in r.output, r.output
+    assert "costs: the router's mean training costs" in r.output and "cost 4\n" in r.output
 
 
 def test_cli_errors(tmp_path: Path, synth_path: Path) -> None:

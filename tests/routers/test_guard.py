@@ -218,10 +218,10 @@ def test_ask_and_trace_explain_the_fallback(tmp_path: Path) -> None:
 
 
 def test_routed_system_trace_carries_the_guard() -> None:
-    from collab.system import GenerationRequest
+    from collab.system import BaseSystem, GenerationRequest
     from routers.system import RoutedSystem
 
-    class Echo:
+    class Echo(BaseSystem):
         def __init__(self, name: str) -> None:
             self.name = name
 
