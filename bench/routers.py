@@ -161,8 +161,9 @@ def loto(seed: int = 0, routers: tuple[str, ...] = ("ensemble", "partition")) ->
     Routers are 'key', 'key:option=value:...' (e.g. 'guarded:base=ensemble') or a name of
     the quality table's ROUTERS (e.g. 'guarded knn minilm+lm (minimax)'); every
     router after the first is also compared with the first (paired, same queries)."""
+    from collab.stats import bootstrap_ci
     from routers.learned import parse_member
-    from routers.metrics import bootstrap_ci, routed_scores
+    from routers.metrics import routed_scores
 
     table = from_llmrouter()
     out = []

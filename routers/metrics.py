@@ -16,19 +16,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from collab.stats import bootstrap_ci
 from routers.table import RoutingTable
-
-
-def bootstrap_ci(values: np.ndarray, n_boot: int = 1000, seed: int = 0, level: float = 0.95) -> tuple[float, float, float]:
-    """(mean, low, high): percentile bootstrap interval of the mean of ``values``."""
-    v = np.asarray(values, dtype=np.float64)
-    if len(v) == 0:
-        return float("nan"), float("nan"), float("nan")
-    rng = np.random.default_rng(seed)
-    idx = rng.integers(0, len(v), size=(n_boot, len(v)))
-    means = v[idx].mean(axis=1)
-    a = (1 - level) / 2
-    return float(v.mean()), float(np.quantile(means, a)), float(np.quantile(means, 1 - a))
 
 
 def routed_scores(table: RoutingTable, choice: np.ndarray) -> np.ndarray:

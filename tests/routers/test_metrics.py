@@ -2,7 +2,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from routers.metrics import apgr, bootstrap_ci, cpt, evaluate, pgr_curve, plot_curve
+from collab.stats import bootstrap_ci
+from routers.metrics import apgr, cpt, evaluate, pgr_curve, plot_curve
 from routers.table import RoutingTable
 
 
