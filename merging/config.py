@@ -24,6 +24,10 @@ from merging.methods import MethodInfo, get_method
 
 #: Top-level keys collab reads itself and removes before mergekit sees the config.
 COLLAB_KEYS = ("search",)
+#: Top-level keys of mergekit's multi-document configs that a single merge ignores.
+_IGNORED_KEYS = ("name",)
+#: Output dtypes mergekit (``dtype_from_name``) and collab's engines both accept.
+DTYPES = ("float32", "bfloat16", "float16", "float64")
 _TOKENIZER_WORDS = ("union", "base")
 
 
@@ -150,9 +154,13 @@ def plan_merge(
     the field, model, tensor and shapes on the first problem found."""
     raw, text, path = load_config(config)
     where = str(path) if path else "config"
+    _validate_keys(raw, where)
     if "merge_method" not in raw:
         raise MergeError(f"{where}: field 'merge_method' is missing")
-    method = get_method(str(raw["merge_method"]))
+    try:
+        method = get_method(str(raw["merge_method"]))
+    except MergeError as e:
+        raise MergeError(f"{where}: {e}") from None
     search = raw.pop("search", None)
     if search is not None and not isinstance(search, dict):
         raise MergeError(f"{where}: 'search' must be a mapping (method, eval, ...), found {search!r}")
@@ -170,6 +178,27 @@ def plan_merge(
     _validate_parameters(plan, where)
     _validate_models(plan, where)
     return plan
+
+
+def allowed_keys() -> tuple[str, ...]:
+    """The top-level keys a merge config may have: mergekit's ``MergeConfiguration``
+    fields, collab's own (``search``) and keys a single merge ignores (``name``)."""
+    from mergekit.config import MergeConfiguration
+
+    return tuple(MergeConfiguration.model_fields) + COLLAB_KEYS + _IGNORED_KEYS
+
+
+def _validate_keys(raw: dict[str, Any], where: str) -> None:
+    """Unknown top-level keys (mergekit's schema ignores them, so a typo would
+    silently change the merge) and bad ``dtype``/``out_dtype`` values."""
+    allowed = allowed_keys()
+    for key in raw:
+        if key not in allowed:
+            raise MergeError(f"{where}: unknown top-level key {key!r}; expected one of {', '.join(allowed)}")
+    for key in ("dtype", "out_dtype"):
+        value = raw.get(key)
+        if value is not None and value not in DTYPES:
+            raise MergeError(f"{where}: {key}: expected one of {', '.join(DTYPES)}, found {value!r}")
 
 
 def _validate_schema(plan: MergePlan, where: str) -> None:
@@ -301,12 +330,14 @@ def _validate_models(plan: MergePlan, where: str) -> None:
                 f"{ref_cfg.get('model_type')} {ref_cfg.get('architectures')}; models of different architectures cannot be merged"
             )
         shapes = _shape_table(tensor_shapes(d), by_layer)
+        if not by_layer:
+            # Every engine takes the tensor names from one model; a tensor only the
+            # others have would be dropped without a word (e.g. a third layer).
+            _check_same_names(ref_shapes, shapes, first, ref, _layer_note(ref_cfg, cfg, first, ref), where)
         for name, shape in ref_shapes.items():
             other = shapes.get(name)
             if other is None:
-                if not by_layer:
-                    raise MergeError(f"{where}: model '{ref}' has no tensor '{name}' (present in '{first}' with shape {list(shape)})")
-                continue
+                continue  # slices and modules pick layers: only shared names must agree
             if other == shape:
                 continue
             is_vocab = len(shape) == len(other) and shape[1:] == other[1:] and vocab_size in (shape[0], None) and other[0] != shape[0]
@@ -332,6 +363,28 @@ def _validate_models(plan: MergePlan, where: str) -> None:
                     f"{where}: the tokenizers of '{ref}' and '{first}' differ ({len(vocab)} vs {len(ref_vocab)} tokens; "
                     f"e.g. {diff}); add 'tokenizer_source: base' or 'tokenizer_source: union' so the embeddings are aligned"
                 )
+
+
+def _check_same_names(
+    ref_shapes: dict[str, tuple[int, ...]], shapes: dict[str, tuple[int, ...]], first: str, ref: str, note: str, where: str
+) -> None:
+    """MergeError naming the first tensor that one of the two models lacks."""
+    for name, shape in ref_shapes.items():
+        if name not in shapes:
+            raise MergeError(f"{where}: model '{ref}' has no tensor '{name}' (present in '{first}' with shape {list(shape)}){note}")
+    for name, shape in shapes.items():
+        if name not in ref_shapes:
+            raise MergeError(f"{where}: model '{first}' has no tensor '{name}' (present in '{ref}' with shape {list(shape)}){note}")
+
+
+def _layer_note(ref_cfg: dict[str, Any], cfg: dict[str, Any], first: str, ref: str) -> str:
+    def layers(c: dict[str, Any]) -> Any:
+        return c.get("num_hidden_layers", (c.get("text_config") or {}).get("num_hidden_layers"))
+
+    a, b = layers(ref_cfg), layers(cfg)
+    if a is None or b is None or a == b:
+        return ""
+    return f"; '{first}' has {a} layers and '{ref}' has {b} (use 'slices:' to merge chosen layer ranges)"
 
 
 def _shape_table(shapes: dict[str, tuple[int, ...]], by_layer: bool) -> dict[str, tuple[int, ...]]:
