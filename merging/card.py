@@ -29,13 +29,15 @@ def model_card(plan: MergePlan, name: str, extra: dict[str, Any] | None = None) 
         "",
         "## Inputs",
         "",
-        "| reference | kind | resolved to | notes |",
-        "|---|---|---|---|",
+        "| reference | kind | notes |",
+        "|---|---|---|",
     ]
+    # References as the config wrote them: the directories they resolved to are
+    # this machine's (LoRA merges live in a work directory deleted after the merge).
     for ref in plan.model_refs:
         inp = plan.inputs[ref]
         role = " (base)" if ref == plan.base_ref else ""
-        lines.append(f"| `{ref}`{role} | {inp.kind} | `{inp.path}` | {'; '.join(inp.notes)} |")
+        lines.append(f"| `{ref}`{role} | {inp.kind} | {'; '.join(inp.notes)} |")
     params = _parameters(plan.raw)
     lines += ["", "## Parameters", ""]
     lines += [f"- `{loc}`: `{value}`" for loc, value in params] or ["- (method defaults)"]

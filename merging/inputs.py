@@ -14,6 +14,7 @@ import json
 import os
 import re
 import shutil
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -41,9 +42,9 @@ class ResolvedInput:
     """One model reference of the config and the local directory that holds it."""
 
     ref: str
-    path: Path
+    path: Path  # may lie in the merge's work directory, deleted when it ends
     kind: str  # "hf", "gguf", "lora", "pickle"
-    notes: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # for the model card: no machine paths
 
 
 def safetensors_files(model_dir: Path) -> list[Path]:
@@ -130,22 +131,25 @@ class InputResolver:
             base_ref, lora_ref = ref.split("+", 1)
             base = self(base_ref, where)
             adapter = self._local(lora_ref, where)
-            return self._merge_lora(ref, base.path, adapter, where)
+            return self._merge_lora(ref, base.path, adapter, where, f"LoRA adapter '{lora_ref}' merged into '{base_ref}'")
         target = ref if ref.startswith("zoo:") else str(self._local(ref, where))
         try:
             res = resolve_ref(target)
         except ModelLoadError as e:
             raise MergeError(f"{where}: {e}") from None
+        notes: list[str] = []
         if res.gguf_file:
             # De-quantising is cached and needed to read shapes, so dry runs do it too.
             base_dir = dequantised_dir(res)
             kind = "gguf"
+            notes.append(f"de-quantised from {res.gguf_file}")
         else:
             base_dir = res.path
             kind = "hf"
         if res.adapter is not None:
-            return self._merge_lora(ref, base_dir, res.adapter, where)
-        return self._check_weights(ResolvedInput(ref=ref, path=base_dir.resolve(), kind=kind), where)
+            note = f"LoRA adapter merged into its base '{res.base_ref}'" if res.base_ref else "LoRA adapter merged into its base"
+            return self._merge_lora(ref, base_dir, res.adapter, where, "; ".join([note] + notes))
+        return self._check_weights(ResolvedInput(ref=ref, path=base_dir.resolve(), kind=kind, notes=notes), where)
 
     def _check_weights(self, inp: ResolvedInput, where: str) -> ResolvedInput:
         if safetensors_files(inp.path):
@@ -175,9 +179,9 @@ class InputResolver:
                 (tmp / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
             _copy_side_files(inp.path, tmp)
             os.replace(tmp, out)
-        return ResolvedInput(ref=inp.ref, path=out, kind="pickle", notes=[f"converted from {bins[0].name} (--allow-pickle)"])
+        return ResolvedInput(ref=inp.ref, path=out, kind="pickle", notes=inp.notes + [f"converted from {bins[0].name} (--allow-pickle)"])
 
-    def _merge_lora(self, ref: str, base_dir: Path, adapter: Path, where: str) -> ResolvedInput:
+    def _merge_lora(self, ref: str, base_dir: Path, adapter: Path, where: str, note: str) -> ResolvedInput:
         if not (adapter / "adapter_config.json").exists():
             raise MergeError(f"{where}: {adapter} is not a LoRA adapter (adapter_config.json not found)")
         if not (adapter / "adapter_model.safetensors").exists():
@@ -185,21 +189,23 @@ class InputResolver:
         out = self.workdir / f"lora-{_key(str(base_dir), str(adapter.resolve()))}"
         if self.dry_run:
             # Shapes of a merged LoRA equal its base's: validate against the base.
-            return ResolvedInput(ref=ref, path=base_dir.resolve(), kind="lora", notes=[f"adapter {adapter} (not merged in a dry run)"])
+            return ResolvedInput(ref=ref, path=base_dir.resolve(), kind="lora", notes=[f"{note} (not merged in a dry run)"])
         if not out.exists():
             import torch
             from peft import PeftModel
             from transformers import AutoModelForCausalLM
 
-            model = AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=torch.float32)
-            model = PeftModel.from_pretrained(model, str(adapter)).merge_and_unload()
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", FutureWarning)  # peft calls transformers' deprecated is_gradient_checkpointing
+                model = AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=torch.float32)
+                model = PeftModel.from_pretrained(model, str(adapter)).merge_and_unload()
             tmp = out.with_name(out.name + ".tmp")
             model.save_pretrained(str(tmp), safe_serialization=True)
             del model
             _copy_side_files(base_dir, tmp, skip=("config.json",))
             _copy_side_files(adapter, tmp, skip=("config.json", "generation_config.json"))
             os.replace(tmp, out)
-        return ResolvedInput(ref=ref, path=out, kind="lora", notes=[f"LoRA {adapter} merged into {base_dir}"])
+        return ResolvedInput(ref=ref, path=out, kind="lora", notes=[note])
 
 
 def _copy_side_files(src: Path, dst: Path, skip: tuple[str, ...] = ()) -> None:

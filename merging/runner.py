@@ -56,6 +56,8 @@ def merge(
     MergeError. ``dry_run`` stops after the checks. ``search`` (grid, greedy or
     cmaes) tunes the per-model weights first (see ``merging.search``). The
     output appears only once complete: an interrupted merge leaves nothing.
+    ``quiet`` draws no progress bars, and turns off transformers' and
+    huggingface_hub's own for the rest of the process.
     """
     t0 = time.perf_counter()
     if out_dir is None and not dry_run:
@@ -63,8 +65,10 @@ def merge(
     out = Path(out_dir) if out_dir is not None else None
     if out is not None and out.exists() and not overwrite and not dry_run:
         raise MergeError(f"{out}: already exists; choose another output directory or pass overwrite=True (--overwrite)")
-    from collab.io import cache_root
+    from collab.io import cache_root, silence_library_progress
 
+    if quiet:
+        silence_library_progress()  # transformers' own bars while LoRA inputs are merged and calibration models load
     work_root = cache_root() / "merge-work"
     work_root.mkdir(parents=True, exist_ok=True)
     workdir = Path(tempfile.mkdtemp(prefix="run-", dir=work_root))

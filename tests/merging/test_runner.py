@@ -208,3 +208,55 @@ def test_merged_model_serves_through_a_spec(merge_models: dict[str, Path], tmp_p
     )
     assert cli.returncode == 0, cli.stderr
     assert cli.stdout.strip() == direct.text.strip()
+
+
+def _adapter(base: Path, out: Path, base_ref: str) -> Path:
+    """A LoRA adapter of ``base`` whose adapter_config names its base as ``base_ref``."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(base))
+    get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False)).save_pretrained(str(out))
+    cfg = json.loads((out / "adapter_config.json").read_text())
+    cfg["base_model_name_or_path"] = base_ref
+    (out / "adapter_config.json").write_text(json.dumps(cfg))
+    return out
+
+
+def test_model_card_cites_references_as_written(merge_models: dict[str, Path], tmp_path: Path) -> None:
+    """The card names each input as the config wrote it, never the directories it
+    resolved to on this machine (LoRA merges live in a work directory that is
+    deleted after the merge)."""
+    from collab.io import cache_root
+
+    os.symlink(merge_models["base"], tmp_path / "base")
+    os.symlink(merge_models["ft1"], tmp_path / "ft1")
+    _adapter(tmp_path / "base", tmp_path / "adapter", "../base")
+    models = [{"model": ref, "parameters": {"weight": 1.0}} for ref in ("ft1", "adapter", "base+adapter")]
+    merge(_write(tmp_path, {"models": models, "merge_method": "linear", "dtype": "float32"}), tmp_path / "out", quiet=True)
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert "| `ft1` | hf |" in card
+    assert "| `adapter` | lora | LoRA adapter merged into its base '../base' |" in card
+    assert "| `base+adapter` | lora | LoRA adapter 'adapter' merged into 'base' |" in card
+    for machine_path in (str(tmp_path), str(Path(tmp_path).resolve()), str(cache_root()), "merge-work", str(merge_models["base"])):
+        assert machine_path not in card, machine_path
+
+
+def test_quiet_merge_draws_no_progress_bars(merge_models: dict[str, Path], tmp_path: Path) -> None:
+    """`collab merge -q` of a LoRA input (merged into its base by transformers,
+    which draws its own bars) prints no bar; without -q the bars are there."""
+    _adapter(merge_models["base"], tmp_path / "adapter", str(merge_models["base"]))
+    cfg = {"models": [{"model": str(tmp_path / "adapter"), "parameters": {"weight": 1.0}},
+                      {"model": str(merge_models["ft1"]), "parameters": {"weight": 1.0}}], "merge_method": "linear", "dtype": "float32"}
+    path = _write(tmp_path, cfg)
+    env = {k: v for k, v in os.environ.items() if k != "HF_HUB_DISABLE_PROGRESS_BARS"}  # set by earlier quiet merges in this process
+    env["HF_HUB_OFFLINE"] = "1"
+    bars = ("Loading weights", "Writing model shards", "merging tensors", "it/s", "\u2501")
+    cli = [sys.executable, "-m", "collab.cli", "merge", str(path)]
+    loud = subprocess.run([*cli, str(tmp_path / "loud")], check=False, capture_output=True, text=True, env=env)
+    assert loud.returncode == 0, loud.stderr
+    assert "Loading weights" in loud.stderr and "merging tensors" in loud.stderr  # the bars -q must hide
+    quiet = subprocess.run([*cli, str(tmp_path / "quiet"), "-q"], check=False, capture_output=True, text=True, env=env)
+    assert quiet.returncode == 0, quiet.stderr
+    assert [b for b in bars if b in quiet.stderr] == [], quiet.stderr
+    assert "wrote" in quiet.stdout
