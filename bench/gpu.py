@@ -113,7 +113,7 @@ def check_model(src: Path, work: Path, device: str = "cuda", n_gen: int = 32, ge
     ids = torch.tensor([gpu.encode(reqs[0])])
     fwd = gpu.forward(ids, output_hidden_states=True)
     on_device = fwd.logits.device.type == device and fwd.hidden_states[-1].device.type == device
-    out["forward_on_device"] = bool(on_device and fwd.past_key_values is not None)
+    out["forward_on_device"] = bool(on_device and fwd.cache is not None)
     del cpu, gpu
 
     # throughput in bfloat16

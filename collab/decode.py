@@ -97,7 +97,7 @@ class Session:
             ids,
             attention_mask=self.mask,
             position_ids=pos,
-            past_key_values=self.cache,
+            cache=self.cache,
             output_hidden_states=self.hidden_states,
             grad=self.grad,
             logits_to_keep=0 if all_logits else 1,

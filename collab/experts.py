@@ -408,7 +408,7 @@ class Expert(BaseSystem):
         self,
         input_ids: "torch.Tensor",
         attention_mask: "torch.Tensor | None" = None,
-        past_key_values: Any = None,
+        cache: Any = None,
         output_hidden_states: bool = False,
         use_cache: bool = True,
         *,
@@ -417,7 +417,8 @@ class Expert(BaseSystem):
         logits_to_keep: int = 0,
     ) -> Any:
         """One forward pass: the HF output with ``.logits`` (B, T, V),
-        ``.past_key_values`` (the KV cache) and, if asked, ``.hidden_states``.
+        ``.cache`` (the KV cache, to pass back as ``cache``) and, if asked,
+        ``.hidden_states``.
 
         ``attention_mask`` covers the cached tokens and the new ones (B, past + T);
         ``position_ids`` (B, T) place left-padded rows; ``grad=True`` runs outside
@@ -428,9 +429,9 @@ class Expert(BaseSystem):
         import torch
 
         kwargs: dict[str, Any] = {"output_hidden_states": output_hidden_states, "use_cache": use_cache}
-        if past_key_values is not None:
+        if cache is not None:
             # transformers >= 5.2x names the KV cache argument ``cache``; older releases ``past_key_values``
-            kwargs[self._cache_arg] = past_key_values
+            kwargs[self._cache_arg] = cache
         if position_ids is not None:
             kwargs["position_ids"] = position_ids.to(self.device)
         if logits_to_keep and self._takes("logits_to_keep"):
@@ -444,8 +445,8 @@ class Expert(BaseSystem):
             )
         if logits_to_keep and out.logits.shape[1] > logits_to_keep:
             out.logits = out.logits[:, -logits_to_keep:]
-        if not hasattr(out, "past_key_values") and hasattr(out, "cache"):
-            out.past_key_values = out.cache
+        if "cache" not in out and "past_key_values" in out:  # an older transformers; reading the
+            out.cache = out["past_key_values"]  # old name through the attribute warns on newer ones
         return out
 
     def embed(self, texts: Sequence[str], layers: Sequence[int], max_tokens: int = 256, batch_size: int = 16) -> "np.ndarray":

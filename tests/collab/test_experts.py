@@ -145,7 +145,7 @@ def test_forward_exposes_logits_hidden_states_and_cache(tiny_expert: Any) -> Non
     assert len(out.hidden_states) == cfg.num_hidden_layers + 1
     assert out.hidden_states[-1].shape == (1, ids.shape[1], cfg.hidden_size)
     nxt = out.logits[:, -1].argmax(-1, keepdim=True)
-    step = tiny_expert.forward(nxt, past_key_values=out.past_key_values)
+    step = tiny_expert.forward(nxt, cache=out.cache)
     full = tiny_expert.forward(torch.cat([ids, nxt], dim=1), use_cache=False)
     assert torch.allclose(step.logits[0, -1], full.logits[0, -1], atol=1e-4)
 
