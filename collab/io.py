@@ -87,6 +87,8 @@ def silence_library_progress() -> None:
     """Turn off the progress bars that transformers and huggingface_hub draw on
     their own (``Loading weights``, shard writing), for commands run with ``-q``."""
     os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
+    # transformers' GGUF de-quantisation draws a plain tqdm bar, which only this reaches
+    os.environ.setdefault("TQDM_DISABLE", "1")
     with contextlib.suppress(ImportError):
         from huggingface_hub.utils import disable_progress_bars
 

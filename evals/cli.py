@@ -7,6 +7,7 @@ Only typer and the standard library are imported at module level, so that
 from __future__ import annotations
 
 import json
+import shlex
 import sys
 from pathlib import Path
 from typing import Annotated, Any, Optional
@@ -43,26 +44,44 @@ def _systems(target: str, names: list[str]) -> tuple[list[str], Any]:
     return [expert.name], lambda _name: expert
 
 
+def resume_command(ctx: Any) -> str:
+    """The ``collab eval`` command line of ``ctx`` (a click context), rebuilt
+    from its parsed parameters: what to run again to resume an interrupted run."""
+    parts = ["collab", "eval"]
+    for p in ctx.command.params:
+        value = ctx.params.get(p.name)
+        if value is None or value == p.default or value is False:
+            continue
+        if p.param_type_name == "argument":
+            parts += [str(v) for v in (value if isinstance(value, (list, tuple)) else [value])]
+            continue
+        flag = next((o for o in p.opts if o.startswith("--")), p.opts[0])
+        parts += [flag] if value is True else [flag, str(value)]
+    return shlex.join(parts)
+
+
 def eval_command(
+    ctx: typer.Context,
     args: Annotated[Optional[list[str]], typer.Argument(help="SPEC (a spec .yaml, or a model ref: zoo:NAME, a directory, a .gguf); with --compare, run directories.", show_default=False)] = None,
     system: Annotated[Optional[str], typer.Option("--system", "-s", help="The system of the spec to evaluate.")] = None,
     systems: Annotated[Optional[str], typer.Option("--systems", help="Several systems, comma-separated: one comparison table.")] = None,
     bench: Annotated[Optional[str], typer.Option("--bench", "-b", help="Benchmark name(s), comma-separated (see --list).")] = None,
-    limit: Annotated[Optional[int], typer.Option("--limit", "-n", help="Score only the first N examples (always the same N).")] = None,
+    limit: Annotated[Optional[int], typer.Option("--limit", "-n", min=1, help="Score only the first N examples (always the same N).")] = None,
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Run directory (results.jsonl, summary.json); rerun to resume. With several runs: OUT/<bench>/<system>.")] = None,
-    batch_size: Annotated[int, typer.Option("--batch-size", help="Examples per call to the system (1: one at a time).")] = 8,
+    batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Examples per call to the system (1: one at a time).")] = 8,
     mode: Annotated[str, typer.Option("--mode", help="auto | generate | loglikelihood (multiple choice).")] = "auto",
-    max_tokens: Annotated[Optional[int], typer.Option("--max-tokens", help="Override the benchmark's generation length.")] = None,
+    max_tokens: Annotated[Optional[int], typer.Option("--max-tokens", min=1, help="Override the benchmark's generation length (a positive integer).")] = None,
     routing_table: Annotated[Optional[Path], typer.Option("--routing-table", help="Write the routing table (JSONL) of --systems on --bench here.")] = None,
     cost: Annotated[str, typer.Option("--cost", help="Routing-table cost: tokens (prompt + completion) or latency (seconds).")] = "tokens",
     compare: Annotated[bool, typer.Option("--compare", help="Compare finished run directories (the arguments): table and PNG chart.")] = False,
     plot: Annotated[Path, typer.Option("--plot", help="Where --compare writes its bar chart.")] = Path("eval-compare.png"),
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
     list_benches: Annotated[bool, typer.Option("--list", help="List the benchmarks and exit.")] = False,
-    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars (collab's, nor transformers' 'Loading weights').")] = False,
 ) -> None:
     """Score systems on benchmarks (collab eval SPEC --system NAME --bench NAME), collect a routing
-    table (--systems a,b --bench X,Y --routing-table OUT.jsonl) or compare runs (--compare DIR...)."""
+    table (--systems a,b --bench X,Y --routing-table OUT.jsonl) or compare runs (--compare DIR...).
+    Ctrl-C keeps the finished examples; the same command resumes."""
     if list_benches:
         from evals.benchmarks import benchmark_names, get_benchmark
 
@@ -100,11 +119,17 @@ def eval_command(
 
     for b in benches:
         get_benchmark(b)  # unknown names fail before any model loads
+    if quiet:
+        from collab.io import silence_library_progress
+
+        silence_library_progress()
     names, build = _systems(args[0], _split(systems) or _split(system))
     if routing_table is not None:
         from evals.routing import collect_routing_table
 
-        info = collect_routing_table(build, names, benches, routing_table, limit=limit, runs_dir=out, cost=cost, batch_size=batch_size, mode=mode, progress=not quiet)
+        info = collect_routing_table(
+            build, names, benches, routing_table, limit=limit, runs_dir=out, cost=cost, batch_size=batch_size, mode=mode, progress=not quiet, resume_command=resume_command(ctx)
+        )
         if as_json:
             print(json.dumps(info, indent=2))
         else:
@@ -122,7 +147,7 @@ def eval_command(
             run_dir = None
             if out is not None:
                 run_dir = out if single else out / b.replace(":", "-") / n
-            res = evaluate(build(n), b, limit=limit, out_dir=run_dir, batch_size=batch_size, mode=mode, max_tokens=max_tokens, progress=not quiet)
+            res = evaluate(build(n), b, limit=limit, out_dir=run_dir, batch_size=batch_size, mode=mode, max_tokens=max_tokens, progress=not quiet, resume_command=resume_command(ctx))
             summaries.append(res.summary())
     if as_json:
         print(json.dumps(summaries if not single else summaries[0], indent=2, default=str))

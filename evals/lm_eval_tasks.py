@@ -48,6 +48,8 @@ def task_name(benchmark: str) -> str:
 def write_task(benchmark: str, out_dir: str | os.PathLike[str], limit: int | None = None, max_tokens: int | None = None) -> str:
     """Write ``<task>.yaml``, ``<task>.jsonl`` (and ``utils.py``) to ``out_dir``; return the task name.
     ``max_tokens`` overrides a generation benchmark's length, as ``evaluate(max_tokens=...)`` does."""
+    if max_tokens is not None and (isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1):
+        raise CollabError(f"max_tokens: expected a positive integer, found {max_tokens!r}")
     bench = get_benchmark(benchmark)
     name = task_name(bench.name)
     out = Path(out_dir).resolve()
@@ -87,7 +89,7 @@ def write_task(benchmark: str, out_dir: str | os.PathLike[str], limit: int | Non
         ]
     else:
         atomic_write_text(out / "utils.py", _UTILS)
-        gen = {"until": list(bench.stop) or ["\x00never\x00"], "max_gen_toks": max_tokens or bench.max_tokens, "do_sample": False}
+        gen = {"until": list(bench.stop) or ["\x00never\x00"], "max_gen_toks": bench.max_tokens if max_tokens is None else max_tokens, "do_sample": False}
         body = [
             "output_type: generate_until",
             "doc_to_text: user",

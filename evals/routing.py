@@ -10,7 +10,9 @@ One JSONL line per query that every system answered::
 benchmark's instructions or answer format. ``costs`` are tokens (prompt plus
 completion tokens the system reported; for log-likelihood scoring, the tokens
 scored) by default, or seconds of latency with ``cost="latency"``.
-Each (benchmark, system) run is kept in ``runs_dir`` so collection resumes.
+Each (benchmark, system) run is kept in ``runs_dir`` so collection resumes:
+after Ctrl-C (``collab.errors.Interrupted``) or a crash, the same call or
+command continues where it stopped.
 """
 
 from __future__ import annotations
@@ -20,10 +22,10 @@ import os
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
-from collab.errors import CollabError
+from collab.errors import CollabError, Interrupted
 from collab.io import atomic_write_text
 from evals.benchmarks import get_benchmark
-from evals.runner import EvalResult, evaluate
+from evals.runner import EvalInterrupted, EvalResult, evaluate
 
 COSTS = ("tokens", "latency")
 
@@ -63,11 +65,14 @@ def collect_routing_table(
     batch_size: int = 8,
     mode: str = "auto",
     progress: bool = True,
+    resume_command: str | None = None,
 ) -> dict[str, Any]:
     """Evaluate every system on every benchmark and write the routing table to
     ``out`` (atomically). ``systems`` maps names to Systems, or is a function
     that builds one by name (e.g. ``spec.system``). Returns a summary: rows per
-    task, mean score per system, where the runs are."""
+    task, mean score per system, where the runs are. Ctrl-C raises
+    ``collab.errors.Interrupted`` naming what is saved and ``resume_command``
+    (the command line that resumes; without one, this call again)."""
     if len(system_names) < 2:
         raise CollabError(f"a routing table needs at least 2 systems, found {len(system_names)}: {', '.join(system_names)}")
     if cost not in COSTS:
@@ -84,7 +89,16 @@ def collect_routing_table(
         bench = get_benchmark(b)
         results = {}
         for s in system_names:
-            res = evaluate(get(s), bench, limit=limit, out_dir=runs / _safe(bench.name) / _safe(s), batch_size=batch_size, mode=mode, progress=progress)
+            run_dir = runs / _safe(bench.name) / _safe(s)
+            try:
+                res = evaluate(get(s), bench, limit=limit, out_dir=run_dir, batch_size=batch_size, mode=mode, progress=progress)
+            except EvalInterrupted as e:
+                how = resume_command or "collect_routing_table(...) again with the same runs_dir"
+                raise Interrupted(
+                    f"collecting the routing table {out} stopped by Ctrl-C: '{s}' on '{bench.name}' after "
+                    f"{e.done} of {e.total} examples, saved in {run_dir} beside the finished runs in {runs}; "
+                    f"the table is written once every run is complete; resume with: {how}"
+                ) from None
             results[s] = res
             means.setdefault(bench.name, {})[s] = res.score
         rows = routing_rows(results, bench.name, cost)

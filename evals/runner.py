@@ -4,7 +4,10 @@
 first 100 examples and returns an ``EvalResult``. With ``out_dir`` every example
 is appended to ``results.jsonl`` as soon as it is scored, and ``summary.json``
 is rewritten atomically after each batch; running the same command again skips
-the ids already there, so an interrupted run resumes where it stopped.
+the ids already there, so an interrupted run resumes where it stopped. Ctrl-C
+ends a run cleanly: the finished examples stay in ``results.jsonl``,
+``summary.json`` says ``interrupted`` with the counts, and ``EvalInterrupted``
+(a ``collab.errors.Interrupted``) says how to resume.
 
 Multiple-choice benchmarks are scored by log-likelihood when the system can
 score text (``loglikelihood_batch`` or ``loglikelihood``), else by generating a
@@ -22,7 +25,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-from collab.errors import CollabError, RequestError
+from collab.errors import CollabError, Interrupted, RequestError
 from collab.system import Completion
 from collab.io import atomic_write_json
 from evals.benchmarks import Benchmark, Example, MultipleChoiceBenchmark, Scored, get_benchmark
@@ -34,6 +37,19 @@ MODES = ("auto", "generate", "loglikelihood")
 
 class EvalRunError(CollabError):
     """A run that cannot proceed: a results directory from another run, a mode the system cannot do."""
+
+
+class EvalInterrupted(Interrupted):
+    """Ctrl-C during ``evaluate``: ``done`` of ``total`` examples are scored and,
+    with an output directory, saved in ``out_dir`` (None: nothing was saved)."""
+
+    def __init__(self, message: str, benchmark: str, system: str, done: int, total: int, out_dir: str | None) -> None:
+        super().__init__(message)
+        self.benchmark = benchmark
+        self.system = system
+        self.done = done
+        self.total = total
+        self.out_dir = out_dir
 
 
 @dataclass
@@ -55,13 +71,21 @@ class EvalResult:
     complete: bool
     groups: dict[str, dict[str, float]] = field(default_factory=dict)
     out_dir: str | None = None
+    total: int = 0
+    interrupted: bool = False
     records: list[dict[str, Any]] = field(default_factory=list, repr=False)
 
+    @property
+    def status(self) -> str:
+        """``complete``, ``interrupted`` (stopped by Ctrl-C) or ``running``."""
+        return "complete" if self.complete else "interrupted" if self.interrupted else "running"
+
     def summary(self) -> dict[str, Any]:
-        """The summary.json content (everything but the records)."""
+        """The summary.json content (everything but the records); ``n`` of ``total`` examples are done."""
         d = asdict(self)
         d.pop("records")
-        d["status"] = "complete" if self.complete else "running"
+        d.pop("interrupted")
+        d["status"] = self.status
         return d
 
 
@@ -265,6 +289,7 @@ def summarize(records: list[dict[str, Any]], bench: Benchmark, system: str, mode
         complete=len(records) == total,
         groups=groups,
         out_dir=out_dir,
+        total=total,
         records=records,
     )
 
@@ -281,6 +306,7 @@ def evaluate(
     progress: bool = True,
     score_workers: int = 2,
     n_bootstrap: int = 1000,
+    resume_command: str | None = None,
 ) -> EvalResult:
     """Score ``system`` on the first ``limit`` examples of ``benchmark``.
 
@@ -289,6 +315,11 @@ def evaluate(
     ``mode`` is ``auto`` (log-likelihood for multiple choice when the system
     can score text), ``generate`` or ``loglikelihood``. With ``out_dir``, the
     run is written there as it goes and resumed from there.
+
+    Ctrl-C (KeyboardInterrupt) stops the run after saving what is finished and
+    raises ``EvalInterrupted``; its message names ``resume_command`` (the
+    command line that resumes the run, as the CLI passes it) or, without one,
+    the ``evaluate`` call.
     """
     bench = get_benchmark(benchmark)
     name = system_name(system)
@@ -297,6 +328,8 @@ def evaluate(
         raise EvalRunError(f"limit: expected a positive integer, found {limit}")
     if batch_size < 1:
         raise EvalRunError(f"batch_size: expected a positive integer, found {batch_size}")
+    if max_tokens is not None and (isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1):
+        raise EvalRunError(f"max_tokens: expected a positive integer, found {max_tokens!r}")
     examples = bench.examples(limit)
     done: dict[str, dict[str, Any]] = {}
     out = Path(out_dir) if out_dir is not None else None
@@ -329,37 +362,57 @@ def evaluate(
     save(current())
     pbar = _progress(progress, f"{bench.name} · {name}", len(examples), len(examples) - len(todo))
     results_file = open(out / RESULTS, "a", encoding="utf-8") if out is not None else None
+    pool = ThreadPoolExecutor(max_workers=max(1, score_workers))
+    interrupted = False
     try:
-        with ThreadPoolExecutor(max_workers=max(1, score_workers)) as pool:
-            for start in range(0, len(todo), batch_size):
-                batch = todo[start : start + batch_size]
-                if mode == "loglikelihood":
-                    assert isinstance(bench, MultipleChoiceBenchmark)
-                    recs = _run_loglikelihood(system, bench, batch, batch_size)
-                else:
-                    recs = _run_generate(system, bench, batch, max_tokens, pool)
-                for ex, rec in zip(batch, recs):
-                    rec = {"benchmark": bench.name, "system": name, **rec}
-                    group = ex.meta.get("group") or ex.meta.get("skill")
-                    if group:
-                        rec["group"] = group
-                    done[ex.id] = rec
-                    if results_file is not None:
-                        results_file.write(json.dumps(rec, ensure_ascii=False, default=str) + "\n")
-                if results_file is not None:
-                    results_file.flush()
-                    os.fsync(results_file.fileno())
-                    save(current())
-                if pbar is not None:
-                    pbar.advance(len(batch))
+        for start in range(0, len(todo), batch_size):
+            batch = todo[start : start + batch_size]
+            if mode == "loglikelihood":
+                assert isinstance(bench, MultipleChoiceBenchmark)
+                recs = _run_loglikelihood(system, bench, batch, batch_size)
+            else:
+                recs = _run_generate(system, bench, batch, max_tokens, pool)
+            for ex, rec in zip(batch, recs):
+                rec = {"benchmark": bench.name, "system": name, **rec}
+                group = ex.meta.get("group") or ex.meta.get("skill")
+                if group:
+                    rec["group"] = group
+                if results_file is not None:  # written before it counts as done: the summary never claims more than the file
+                    results_file.write(json.dumps(rec, ensure_ascii=False, default=str) + "\n")
+                done[ex.id] = rec
+            if results_file is not None:
+                results_file.flush()
+                os.fsync(results_file.fileno())
+                save(current())
+            if pbar is not None:
+                pbar.advance(len(batch))
+    except KeyboardInterrupt:
+        interrupted = True
     finally:
+        pool.shutdown(wait=not interrupted, cancel_futures=interrupted)
         if results_file is not None:
             results_file.close()
         if pbar is not None:
             pbar.close()
+    if interrupted:
+        result = current(final=True)
+        result.interrupted = True
+        save(result)
+        raise _interrupted(result, out, resume_command) from None
     result = current(final=True)
     save(result)
     return result
+
+
+def _interrupted(res: EvalResult, out: Path | None, resume_command: str | None) -> EvalInterrupted:
+    what = f"'{res.system}' on '{res.benchmark}' stopped by Ctrl-C after {res.n} of {res.total} examples"
+    if out is not None:
+        how = resume_command or f"evaluate(system, {res.benchmark!r}, out_dir={str(out)!r}, ...) again"
+        msg = f"{what}; {res.n} saved in {out / RESULTS} (summary.json status 'interrupted'); resume with: {how}"
+    else:
+        how = f"{resume_command} --out DIR" if resume_command else "evaluate(..., out_dir=DIR)"
+        msg = f"{what}; nothing was saved (no output directory); to make a run resumable, give one: {how}"
+    return EvalInterrupted(msg, res.benchmark, res.system, res.n, res.total, str(out) if out is not None else None)
 
 
 class _Bar:

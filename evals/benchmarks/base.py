@@ -85,7 +85,7 @@ class Benchmark:
         """The greedy chat request for ``example``."""
         return GenerationRequest(
             messages=self.messages(example),
-            max_tokens=max_tokens or self.max_tokens,
+            max_tokens=self.max_tokens if max_tokens is None else max_tokens,
             temperature=0.0,
             stop=list(self.stop),
         )

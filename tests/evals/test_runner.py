@@ -5,10 +5,10 @@ from pathlib import Path
 
 import pytest
 
-from collab.errors import CollabError
+from collab.errors import CollabError, Interrupted, RequestError
 from collab.system import BaseSystem, Completion, GenerationRequest, Usage
 from evals.benchmarks import Benchmark, Example, Scored, register_benchmark
-from evals.runner import bootstrap_ci, evaluate, read_results
+from evals.runner import EvalInterrupted, bootstrap_ci, evaluate, read_results
 
 
 class _Arith(Benchmark):
@@ -78,21 +78,59 @@ def test_limit_takes_first_n_and_batch_size_one_is_unbatched() -> None:
     assert [r["id"] for r in res.records] == ["q0", "q1", "q2"] and sysm.batches == []
 
 
-def test_resume_after_interruption(tmp_path: Path) -> None:
+def test_ctrl_c_saves_what_is_done_marks_interrupted_and_resumes(tmp_path: Path) -> None:
     out = tmp_path / "run"
-    with pytest.raises(KeyboardInterrupt):
-        evaluate(Calculator(crash_after=6), "test:arith", out_dir=out, batch_size=2, progress=False)
-    done = read_results(out / "results.jsonl")
-    assert len(done) == 6
-    assert json.loads((out / "summary.json").read_text())["status"] == "running"
-    # Simulate a torn write of the next line: it is dropped and cut from the file.
+    cmd = f"collab eval spec.yaml --system calc --bench test:arith --out {out}"
+    with pytest.raises(Interrupted) as info:
+        evaluate(Calculator(crash_after=6), "test:arith", out_dir=out, batch_size=2, progress=False, resume_command=cmd)
+    err = info.value
+    assert isinstance(err, EvalInterrupted) and err.exit_code == 130 and (err.done, err.total) == (6, 10)
+    msg = str(err)
+    assert "'calc' on 'test:arith' stopped by Ctrl-C after 6 of 10 examples" in msg and f"6 saved in {out / 'results.jsonl'}" in msg
+    assert msg.endswith(f"resume with: {cmd}")
+    # The three finished batches are whole lines; the fourth batch, cut short, left nothing.
+    text = (out / "results.jsonl").read_text()
+    assert text.endswith("\n") and [json.loads(line)["id"] for line in text.splitlines()] == [f"q{i}" for i in range(6)]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["status"] == "interrupted" and summary["n"] == 6 and summary["total"] == 10 and summary["complete"] is False
+    assert summary["score"] == pytest.approx(0.5)
+    # A torn write of the next line (a kill, not Ctrl-C) is dropped and cut from the file.
     with open(out / "results.jsonl", "a") as f:
         f.write('{"id": "q6", "pro')
     again = Calculator()
     res = evaluate(again, "test:arith", out_dir=out, batch_size=2, progress=False)
     assert again.calls == 4 and res.n == 10 and res.complete and res.score == pytest.approx(0.5)
     lines = (out / "results.jsonl").read_text().splitlines()
-    assert len(lines) == 10 and len({json.loads(x)["id"] for x in lines}) == 10
+    assert [json.loads(x)["id"] for x in lines] == [f"q{i}" for i in range(10)]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["status"] == "complete" and summary["n"] == summary["total"] == 10
+
+
+def test_ctrl_c_without_output_directory_says_nothing_was_saved() -> None:
+    with pytest.raises(EvalInterrupted) as info:
+        evaluate(Calculator(crash_after=3), "test:arith", batch_size=1, progress=False, resume_command="collab eval s.yaml --bench test:arith")
+    msg = str(info.value)
+    assert "stopped by Ctrl-C after 3 of 10 examples" in msg and "nothing was saved" in msg
+    assert msg.endswith("collab eval s.yaml --bench test:arith --out DIR") and info.value.out_dir is None
+
+
+def test_ctrl_c_during_routing_collection_names_the_run_and_resumes(tmp_path: Path) -> None:
+    from evals.routing import collect_routing_table
+
+    table = tmp_path / "table.jsonl"
+    systems = {"a": Calculator("a"), "b": Calculator("b", crash_after=5)}
+    with pytest.raises(Interrupted) as info:
+        collect_routing_table(systems, ["a", "b"], ["test:arith"], table, batch_size=5, resume_command="collab eval s.yaml --routing-table t.jsonl")
+    msg = str(info.value)
+    assert info.value.exit_code == 130 and "stopped by Ctrl-C: 'b' on 'test:arith' after 5 of 10 examples" in msg
+    assert str(tmp_path / "table.jsonl.runs" / "test-arith" / "b") in msg and msg.endswith("resume with: collab eval s.yaml --routing-table t.jsonl")
+    assert not table.exists()
+    runs = tmp_path / "table.jsonl.runs" / "test-arith"
+    assert json.loads((runs / "a" / "summary.json").read_text())["status"] == "complete"
+    assert json.loads((runs / "b" / "summary.json").read_text())["status"] == "interrupted"
+    systems = {"a": Calculator("a"), "b": Calculator("b")}
+    info2 = collect_routing_table(systems, ["a", "b"], ["test:arith"], table, batch_size=5)
+    assert info2["rows"] == 10 and systems["a"].calls == 0 and systems["b"].calls == 5
 
 
 def test_results_dir_of_another_run_is_an_error(tmp_path: Path) -> None:
@@ -109,6 +147,24 @@ def test_unknown_benchmark_and_bad_limit() -> None:
         evaluate(Calculator(), "nope", progress=False)
     with pytest.raises(CollabError, match="limit"):
         evaluate(Calculator(), "test:arith", limit=0, progress=False)
+
+
+@pytest.mark.parametrize("bad", [0, -5])
+def test_max_tokens_must_be_positive(bad: int) -> None:
+    sysm = Calculator()
+    with pytest.raises(CollabError, match=rf"max_tokens: expected a positive integer, found {bad}"):
+        evaluate(sysm, "test:arith", limit=1, max_tokens=bad, progress=False)
+    assert sysm.calls == 0
+
+
+def test_max_tokens_reaches_the_request() -> None:
+    from evals.benchmarks import get_benchmark
+
+    bench = get_benchmark("test:arith")
+    ex = bench.examples(1)[0]
+    assert bench.request(ex).max_tokens == bench.max_tokens and bench.request(ex, max_tokens=1).max_tokens == 1
+    with pytest.raises(RequestError, match="max_tokens"):  # 0 is not "the benchmark's default"
+        bench.request(ex, max_tokens=0)
 
 
 def test_bootstrap_interval() -> None:
