@@ -33,7 +33,7 @@ from functools import lru_cache
 
 VIOLATION_EXIT = 3
 
-# Runs in the child as `python -I -c GUARD program.py scratch_dir`.
+# Runs in the child as `python -I -c GUARD program.py scratch_dir audit|no-audit`.
 GUARD = r'''
 import os, sys
 _SCRATCH = os.path.realpath(sys.argv[2])
@@ -79,7 +79,8 @@ def _hook(event, args):
             if isinstance(a, (str, bytes, os.PathLike)) and not _inside(a)[0]:
                 _die(event + " outside the scratch directory: " + os.fsdecode(a))
 
-sys.addaudithook(_hook)
+if sys.argv[3] == "audit":
+    sys.addaudithook(_hook)
 _path = os.path.join(_SCRATCH, sys.argv[1])
 with open(_path, encoding="utf-8") as _f:
     _code = compile(_f.read(), _path, "exec")
@@ -115,10 +116,9 @@ def network_namespace_available() -> bool:
         return False
 
 
-def _limits(timeout: float, memory_mb: int, file_mb: int) -> None:
+def _limits(cpu: int, memory_mb: int, file_mb: int) -> None:
     import resource
 
-    cpu = int(timeout) + 1
     resource.setrlimit(resource.RLIMIT_CPU, (cpu, cpu + 1))
     mem = memory_mb * 1024 * 1024
     resource.setrlimit(resource.RLIMIT_AS, (mem, mem))
@@ -127,13 +127,30 @@ def _limits(timeout: float, memory_mb: int, file_mb: int) -> None:
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
 
 
-def run_python(program: str, timeout: float = 10.0, memory_mb: int = 1024, file_mb: int = 16, isolate_network: bool = True) -> ExecResult:
-    """Run ``program`` (Python source) in the sandbox; never raises for anything the program does."""
+def run_python(
+    program: str,
+    timeout: float = 10.0,
+    memory_mb: int = 1024,
+    file_mb: int = 16,
+    isolate_network: bool = True,
+    cpu_seconds: int | None = None,
+    audit: bool = True,
+) -> ExecResult:
+    """Run ``program`` (Python source) in the sandbox; never raises for anything the program does.
+
+    ``timeout`` is wall-clock seconds; ``cpu_seconds`` (default ``timeout`` + 1)
+    the CPU-time limit; ``memory_mb`` the address space; ``file_mb`` the largest
+    file the program may write. ``isolate_network`` and ``audit`` turn layers 1
+    and 3 off, which only the tests do (to show each remaining layer holds on its own).
+    """
+    cpu = int(timeout) + 1 if cpu_seconds is None else int(cpu_seconds)
+    if cpu < 1:
+        raise ValueError(f"cpu_seconds: expected a positive integer, found {cpu_seconds!r}")
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="collab-sandbox-") as scratch:
         with open(os.path.join(scratch, "program.py"), "w", encoding="utf-8") as f:
             f.write(program)
-        cmd = [sys.executable, "-I", "-c", GUARD, "program.py", scratch]
+        cmd = [sys.executable, "-I", "-c", GUARD, "program.py", scratch, "audit" if audit else "no-audit"]
         if isolate_network and network_namespace_available():
             cmd = [shutil.which("unshare") or "unshare", "-rn"] + cmd
         env = {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8", "HOME": scratch, "TMPDIR": scratch, "PYTHONHASHSEED": "0"}
@@ -146,7 +163,7 @@ def run_python(program: str, timeout: float = 10.0, memory_mb: int = 1024, file_
                 stdout=subprocess.PIPE,
                 stderr=subprocess.PIPE,
                 start_new_session=True,
-                preexec_fn=lambda: _limits(timeout, memory_mb, file_mb),
+                preexec_fn=lambda: _limits(cpu, memory_mb, file_mb),
             )
         except OSError as e:
             return ExecResult("failed", f"could not start the sandbox: {e}", time.perf_counter() - t0, None)

@@ -1,8 +1,12 @@
 from __future__ import annotations
 
+import signal
+import socket
 import time
 
-from evals.sandbox import run_python
+import pytest
+
+from evals.sandbox import network_namespace_available, run_python
 
 
 def test_correct_program_passes() -> None:
@@ -44,3 +48,42 @@ def test_files_outside_scratch_are_blocked(tmp_path) -> None:  # noqa: ANN001
 def test_memory_limit() -> None:
     r = run_python("x = bytearray(3 * 1024 ** 3)\n", memory_mb=512)
     assert r.status == "failed" and "MemoryError" in r.detail
+
+
+# Each layer on its own: the audit hook is turned off (audit=False), so only the
+# layer under test stands between the program and what it tries to do.
+_needs_netns = pytest.mark.skipif(
+    not network_namespace_available(),
+    reason="'unshare -rn' does not work here (no unshare binary, or unprivileged user namespaces are disabled): the sandbox runs without network isolation",
+)
+
+
+@_needs_netns
+def test_network_namespace_alone_blocks_a_connection_to_the_host() -> None:
+    server = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    server.bind(("127.0.0.1", 0))
+    server.listen(4)
+    port = server.getsockname()[1]
+    program = f"import socket\nsocket.create_connection(('127.0.0.1', {port}), timeout=5).close()\nprint('connected')\n"
+    try:
+        # Control: without the namespace (and without the hook) the host's listener is reachable.
+        assert run_python(program, audit=False, isolate_network=False).passed
+        r = run_python(program, audit=False)
+        assert r.status == "failed" and "Network is unreachable" in r.detail, r.detail
+    finally:
+        server.close()
+
+
+def test_file_size_limit_alone_stops_a_large_write() -> None:
+    program = "with open('big.bin', 'wb') as f:\n    f.write(b'x' * (3 * 1024 * 1024))\n"
+    assert run_python(program, audit=False, file_mb=4).passed  # the limit, not the program, is what fails below
+    r = run_python(program, audit=False, file_mb=1)
+    assert r.status == "failed" and "File too large" in r.detail, r.detail
+
+
+def test_cpu_limit_alone_kills_a_busy_loop() -> None:
+    t0 = time.perf_counter()
+    r = run_python("while True:\n    pass\n", timeout=60, cpu_seconds=1, audit=False)
+    # SIGXCPU after one CPU second, long before the 60 s wall-clock timeout.
+    assert r.status == "timeout" and r.detail == "CPU time limit" and r.returncode == -signal.SIGXCPU
+    assert time.perf_counter() - t0 < 30

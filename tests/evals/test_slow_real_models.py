@@ -29,5 +29,8 @@ def test_smollm2_generates_gsm8k_and_humaneval(smol) -> None:  # noqa: ANN001
     g = evaluate(smol, "gsm8k", limit=2, max_tokens=96, progress=False)
     assert all(r["detail"]["pred"] is not None for r in g.records)  # it writes numbers
     h = evaluate(smol, "humaneval", limit=2, max_tokens=160, progress=False)
-    assert all(r["detail"]["status"] in ("passed", "failed", "timeout", "blocked") for r in h.records)
-    assert any("def " in r["output"] for r in h.records)
+    assert all(r["output"].startswith("```python\ndef ") for r in h.records)
+    # Greedy SmolLM2-135M writes a has_close_elements that runs and fails the problem's
+    # tests (so the sandbox ran both), and a separate_paren_groups cut off at 160 tokens.
+    found = [(r["detail"]["status"], r["detail"]["error"].split(":")[0], r["finish_reason"]) for r in h.records]
+    assert found == [("failed", "AssertionError", "stop"), ("failed", "SyntaxError", "length")]
