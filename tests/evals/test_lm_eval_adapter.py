@@ -63,3 +63,42 @@ def test_lm_eval_command_line_finds_the_collab_model(tmp_path: Path, long_tiny_d
     assert files, p.stdout[-1000:]
     acc = json.loads(files[0].read_text())["results"][task]["acc,none"]
     assert 0.0 <= acc <= 1.0
+
+
+@pytest.mark.slow
+def test_smollm2_loglikelihoods_match_lm_eval_hflm() -> None:
+    """An independent scorer: lm-eval's own Hugging Face model class (its
+    tokenisation, context/continuation split, batching and log-softmax) on the
+    same de-quantised SmolLM2 weights, request by request, against collab's
+    packed scoring through the runner and through the adapter."""
+    import torch
+    from lm_eval.api.instance import Instance
+    from lm_eval.models.huggingface import HFLM
+
+    from collab.experts import Expert
+    from evals.benchmarks import get_benchmark
+    from evals.lm_eval_adapter import CollabLM
+    from evals.runner import evaluate
+
+    smol = Expert.load("zoo:smollm2-135m-instruct")
+    assert next(smol.model.parameters()).dtype == torch.float32
+    arc = get_benchmark("arc_easy")
+    examples = arc.examples(10)
+    pairs = [p for ex in examples for p in arc.pairs(ex)]
+    requests = [Instance(request_type="loglikelihood", doc={}, arguments=p, idx=i) for i, p in enumerate(pairs)]
+    hf = HFLM(pretrained=smol.model, tokenizer=smol.tokenizer, batch_size=8)
+    theirs = hf.loglikelihood(requests, disable_tqdm=True)
+    adapter = CollabLM(system=smol, batch_size=8).loglikelihood(requests)
+    run = evaluate(smol, "arc_easy", limit=10, progress=False)
+    ours = [ll for r in run.records for ll in r["detail"]["loglikelihoods"]]  # rounded to 4 decimals
+    assert len(theirs) == len(adapter) == len(ours) == len(pairs) >= 30
+    assert [ll for ll, _ in adapter] == pytest.approx([ll for ll, _ in theirs], abs=1e-3)
+    assert ours == pytest.approx([ll for ll, _ in theirs], abs=1e-3)
+    assert [g for _, g in adapter] == [g for _, g in theirs]  # greedy flags agree too
+    # The picked answers agree, so accuracies would too.
+    preds, start = [], 0
+    for ex in examples:
+        k = len(arc.pairs(ex))
+        preds.append(max(range(k), key=lambda i: theirs[start + i][0]))
+        start += k
+    assert preds == [r["detail"]["pred"] for r in run.records]
