@@ -1,7 +1,7 @@
 """lm-evaluation-harness model type ``collab``: any collab System under lm-eval.
 
     python -m evals.lm_eval_cli --model collab \\
-        --model_args spec=examples/spec.yaml,system=smol --tasks arc_easy
+        --model_args spec=examples/experts.yaml,system=smol --include_path lm_tasks --tasks collab_arc_easy
     # or a bare model reference:
     collab-lm-eval --model collab --model_args spec=zoo:smollm2-135m-instruct --tasks ...
 
