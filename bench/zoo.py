@@ -30,10 +30,9 @@ SKILLS = ["arith", "lists", "units"]
 
 
 def ci(values: list[float]) -> tuple[float, float, float]:
-    from evals.runner import bootstrap_ci
+    from collab.stats import bootstrap_ci
 
-    lo, hi = bootstrap_ci(values, 1000)
-    return sum(values) / len(values), lo, hi
+    return bootstrap_ci(values, 1000)
 
 
 def fmt(m: float, lo: float, hi: float) -> str:

@@ -30,7 +30,6 @@ class ResolvedRef:
     name: str | None = None
     prompt_format: str | None = None
     adapter: Path | None = None
-    base_ref: str | None = None
 
 
 def resolve_ref(ref: str | os.PathLike[str]) -> ResolvedRef:
@@ -62,7 +61,6 @@ def resolve_ref(ref: str | os.PathLike[str]) -> ResolvedRef:
         base_res = resolve_ref(base if str(base).startswith("zoo:") or Path(base).is_absolute() else _relative(path, base))
         base_res.adapter = path
         base_res.name = path.name
-        base_res.base_ref = str(base)
         return base_res
     if not (path / "config.json").exists():
         raise ModelLoadError(f"{path}: not a model directory (config.json not found)")

@@ -250,16 +250,17 @@ class Spec:
         return self._built[name]
 
 
-def open_system(ref_or_spec: str, system: str | None = None) -> Any:
+def open_system(ref_or_spec: str, system: str | None = None, pick: str = "--system") -> Any:
     """A System from a spec file (``system`` picks one of its systems; optional
     when it defines exactly one) or from a model reference (``zoo:NAME``, a
-    ``.gguf`` file, a model directory), loaded as an Expert."""
+    ``.gguf`` file, a model directory), loaded as an Expert. ``pick`` names, in
+    errors, how the caller's user chooses a system."""
     if str(ref_or_spec).endswith((".yaml", ".yml")):
         spec = load_spec(ref_or_spec)
         if system is None:
             names = spec.names()
             if len(names) != 1:
-                raise SpecError(f"{ref_or_spec}: the spec defines {len(names)} systems ({', '.join(names)}); pick one with --system")
+                raise SpecError(f"{ref_or_spec}: the spec defines {len(names)} systems ({', '.join(names)}); pick one with {pick}")
             system = names[0]
         return spec.system(system)
     if system is not None:

@@ -188,6 +188,36 @@ class Scorer(Protocol):
     def loglikelihood_batch(self, pairs: Sequence[tuple[str, str]], batch_size: int | None = None) -> list[tuple[float, bool]]: ...
 
 
+@runtime_checkable
+class RollingScorer(Protocol):
+    """A system that scores a whole text in windows of its context (perplexity)."""
+
+    def loglikelihood_rolling(self, text: str) -> float: ...
+
+
+@runtime_checkable
+class RendersRequests(Protocol):
+    """A system that can show the exact text its model is given for a request
+    (``Expert.render``: the chat template applied), so that an answer can be scored
+    in the context it was generated in."""
+
+    def render(self, request: GenerationRequest) -> str: ...
+
+
+@runtime_checkable
+class BatchSystem(Protocol):
+    """A system that answers several requests at once (every ``BaseSystem`` does)."""
+
+    def generate_batch(self, requests: Sequence[GenerationRequest]) -> list[Completion]: ...
+
+
+def generate_all(system: System, requests: Sequence[GenerationRequest]) -> list[Completion]:
+    """``system``'s completions of ``requests``: batched where the system batches."""
+    if isinstance(system, BatchSystem) and len(requests) > 1:
+        return system.generate_batch(requests)
+    return [system.generate(r) for r in requests]
+
+
 def scorer(system: object, purpose: str) -> Scorer:
     """``system`` as a Scorer, or a RequestError naming it and what needed the scores."""
     if not isinstance(system, Scorer):

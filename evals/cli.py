@@ -38,9 +38,9 @@ def _systems(target: str, names: list[str]) -> tuple[list[str], Any]:
         return names, spec.system
     if names:
         raise typer.BadParameter("--system/--systems need a spec file (.yaml) as first argument; a model reference is one system")
-    from collab.experts import Expert
+    from collab.spec import open_system
 
-    expert = Expert.load(target)
+    expert = open_system(target)
     return [expert.name], lambda _name: expert
 
 

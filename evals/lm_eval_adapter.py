@@ -26,29 +26,11 @@ from lm_eval.api.model import LM
 from lm_eval.api.registry import register_model
 
 from collab.errors import CollabError
-from collab.system import GenerationRequest
+from collab.spec import open_system
+from collab.system import GenerationRequest, RendersRequests, RollingScorer, generate_all, scorer
 
 #: Prefix of the string ``apply_chat_template`` returns: the messages as JSON.
 CHAT_MARKER = "\x00collab-chat\x00"
-
-
-def load_system(spec: str, system: str | None = None) -> Any:
-    """A System from a spec file (``system`` picks one) or a model reference."""
-    if spec.endswith((".yaml", ".yml")):
-        from collab.spec import load_spec
-
-        s = load_spec(spec)
-        names = s.names()
-        if system is None:
-            if len(names) != 1:
-                raise CollabError(f"{spec}: defines {len(names)} systems ({', '.join(names)}); pass system=NAME in --model_args")
-            system = names[0]
-        return s.system(system)
-    if system is not None:
-        raise CollabError("model_args: 'system' needs 'spec' to be a spec .yaml file")
-    from collab.experts import Expert
-
-    return Expert.load(spec)
 
 
 def _messages(context: str) -> list[dict[str, str]] | None:
@@ -66,7 +48,7 @@ class CollabLM(LM):
         super().__init__()
         if spec is None and (system is None or isinstance(system, str)):
             raise CollabError("model_args: give spec=<spec.yaml or model ref> (and system=NAME for a spec)")
-        self.system = load_system(str(spec), system) if spec is not None else system
+        self.system = open_system(str(spec), system, pick="system=NAME in --model_args") if spec is not None else system
         try:
             self.batch_size = max(1, int(batch_size))
         except (TypeError, ValueError):  # lm-eval's "auto"
@@ -75,11 +57,13 @@ class CollabLM(LM):
     # ---------------------------------------------------------------- chat
     @property
     def tokenizer_name(self) -> str:
-        return f"collab-{getattr(self.system, 'name', 'system')}"
+        return f"collab-{self.system.name}"
 
     def chat_template(self, chat_template: bool | str = False) -> str:
-        tok = getattr(self.system, "tokenizer", None)
-        return str(getattr(tok, "chat_template", None) or "collab-plain")
+        from collab.experts import Expert
+
+        template = self.system.tokenizer.chat_template if isinstance(self.system, Expert) else None
+        return str(template or "collab-plain")
 
     def apply_chat_template(self, chat_history: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
         return CHAT_MARKER + json.dumps(list(chat_history))
@@ -89,38 +73,27 @@ class CollabLM(LM):
         msgs = _messages(context)
         if msgs is None:
             return context
-        render = getattr(self.system, "render", None)
-        if not callable(render):
+        if not isinstance(self.system, RendersRequests):
             from collab.experts import render_plain_prompt
 
             return render_plain_prompt(msgs)
-        return render(GenerationRequest(messages=msgs))
+        return self.system.render(GenerationRequest(messages=msgs))
 
     # ------------------------------------------------------------- scoring
-    def _require_scoring(self) -> None:
-        if not (callable(getattr(self.system, "loglikelihood_batch", None)) or callable(getattr(self.system, "loglikelihood", None))):
-            raise CollabError(f"system '{getattr(self.system, 'name', '?')}' cannot score text; use generation tasks only")
-
     def loglikelihood(self, requests: list[Any], disable_tqdm: bool = False) -> list[tuple[float, bool]]:
-        self._require_scoring()
+        system = scorer(self.system, "lm-eval's loglikelihood tasks (use generation tasks only)")
         pairs = [(self._text(r.args[0]), r.args[1]) for r in requests]
-        fn = getattr(self.system, "loglikelihood_batch", None)
-        if callable(fn):
-            out = [(float(ll), bool(g)) for ll, g in fn(pairs, batch_size=self.batch_size)]
-        else:
-            # A system with only loglikelihood() cannot say whether the continuation is greedy.
-            out = [(float(self.system.loglikelihood(c, x)), False) for c, x in pairs]
+        out = [(float(ll), bool(g)) for ll, g in system.loglikelihood_batch(pairs, batch_size=self.batch_size)]
         for r, res in zip(requests, out):
             self.cache_hook.add_partial("loglikelihood", r.args, res)
         return out
 
     def loglikelihood_rolling(self, requests: list[Any], disable_tqdm: bool = False) -> list[float]:
-        fn = getattr(self.system, "loglikelihood_rolling", None)
-        if not callable(fn):
-            raise CollabError(f"system '{getattr(self.system, 'name', '?')}' has no loglikelihood_rolling (perplexity tasks need an Expert)")
+        if not isinstance(self.system, RollingScorer):
+            raise CollabError(f"system '{self.system.name}' has no loglikelihood_rolling (perplexity tasks need an Expert)")
         out = []
         for r in requests:
-            v = float(fn(r.args[0]))
+            v = float(self.system.loglikelihood_rolling(r.args[0]))
             self.cache_hook.add_partial("loglikelihood_rolling", r.args, v)
             out.append(v)
         return out
@@ -142,11 +115,8 @@ class CollabLM(LM):
     def generate_until(self, requests: list[Any], disable_tqdm: bool = False) -> list[str]:
         reqs = [self._request(r.args[0], r.args[1]) for r in requests]
         texts: list[str] = []
-        batch_fn = getattr(self.system, "generate_batch", None)
         for start in range(0, len(reqs), self.batch_size):
-            chunk = reqs[start : start + self.batch_size]
-            comps = batch_fn(chunk) if callable(batch_fn) and len(chunk) > 1 else [self.system.generate(q) for q in chunk]
-            texts.extend(c.text for c in comps)
+            texts.extend(c.text for c in generate_all(self.system, reqs[start : start + self.batch_size]))
         for r, t in zip(requests, texts):
             self.cache_hook.add_partial("generate_until", r.args, t)
         return texts

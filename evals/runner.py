@@ -16,18 +16,18 @@ letter. Generation uses ``generate_batch`` where the system has it.
 
 from __future__ import annotations
 
-import inspect
 import json
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Protocol, Sequence, runtime_checkable
 
 from collab.errors import CollabError, Interrupted, RequestError
-from collab.system import Completion
 from collab.io import atomic_write_json
+from collab.stats import bootstrap_ci
+from collab.system import BatchSystem, Completion, Scorer, System, scorer
 from evals.benchmarks import Benchmark, Example, MultipleChoiceBenchmark, Scored, get_benchmark
 
 RESULTS = "results.jsonl"
@@ -89,15 +89,15 @@ class EvalResult:
         return d
 
 
-def system_name(system: Any) -> str:
-    return str(getattr(system, "name", None) or type(system).__name__)
+def system_name(system: System) -> str:
+    return str(system.name)
 
 
 def resolve_mode(system: Any, bench: Benchmark, mode: str = "auto") -> str:
     """``generate`` or ``loglikelihood`` for this system and benchmark."""
     if mode not in MODES:
         raise EvalRunError(f"mode: expected one of {', '.join(MODES)}, found {mode!r}")
-    can_score = callable(getattr(system, "loglikelihood_batch", None)) or callable(getattr(system, "loglikelihood", None))
+    can_score = isinstance(system, Scorer)
     if not bench.multiple_choice:
         if mode == "loglikelihood":
             raise EvalRunError(f"benchmark '{bench.name}' is scored by generation; mode 'loglikelihood' does not apply")
@@ -107,20 +107,6 @@ def resolve_mode(system: Any, bench: Benchmark, mode: str = "auto") -> str:
     if mode == "auto":
         return "loglikelihood" if can_score else "generate"
     return mode
-
-
-def bootstrap_ci(values: Sequence[float], n_resamples: int = 1000, seed: int = 0) -> tuple[float, float]:
-    """Percentile bootstrap 95% interval of the mean of ``values``."""
-    import numpy as np
-
-    x = np.asarray(values, dtype=np.float64)
-    if x.size == 0:
-        return (float("nan"), float("nan"))
-    if x.size == 1 or np.all(x == x[0]):
-        return (float(x[0]), float(x[0]))
-    rng = np.random.default_rng(seed)
-    means = x[rng.integers(0, x.size, size=(n_resamples, x.size))].mean(axis=1)
-    return (float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5)))
 
 
 # ---------------------------------------------------------------- run directory
@@ -177,19 +163,19 @@ def _check_run_dir(out: Path, bench: str, system: str, mode: str) -> None:
 
 # ------------------------------------------------------------------- scoring
 def _call_ll(system: Any, pairs: list[tuple[str, str]], batch_size: int) -> list[float]:
-    fn = getattr(system, "loglikelihood_batch", None)
-    if callable(fn):
-        params = inspect.signature(fn).parameters
-        out = fn(pairs, batch_size=batch_size) if "batch_size" in params else fn(pairs)
-        return [float(x[0]) if isinstance(x, (tuple, list)) else float(x) for x in out]
-    return [float(system.loglikelihood(c, x)) for c, x in pairs]
+    return [float(ll) for ll, _ in scorer(system, "multiple-choice scoring").loglikelihood_batch(pairs, batch_size=batch_size)]
+
+
+@runtime_checkable
+class _Tokenized(Protocol):
+    tokenizer: Any
 
 
 def _count_tokens(system: Any, texts: Sequence[str]) -> int:
-    tok = getattr(system, "tokenizer", None)
-    if tok is None:
+    """Tokens the texts cost a system with a tokenizer (a local expert); 0 where it has none."""
+    if not isinstance(system, _Tokenized):
         return 0
-    return sum(len(tok(t).input_ids) for t in texts)
+    return sum(len(system.tokenizer(t).input_ids) for t in texts)
 
 
 def _run_loglikelihood(system: Any, bench: MultipleChoiceBenchmark, batch: list[Example], batch_size: int) -> list[dict[str, Any]]:
@@ -217,7 +203,7 @@ def _run_generate(system: Any, bench: Benchmark, batch: list[Example], max_token
     requests = [bench.request(ex, max_tokens=max_tokens) for ex in batch]
     t0 = time.perf_counter()
     comps: list[Any] | None = None
-    if len(requests) > 1 and callable(getattr(system, "generate_batch", None)):
+    if len(requests) > 1 and isinstance(system, BatchSystem):
         try:
             comps = list(system.generate_batch(requests))
         except RequestError:  # one bad request (e.g. too long): retry one by one below
@@ -261,10 +247,10 @@ def summarize(records: list[dict[str, Any]], bench: Benchmark, system: str, mode
     metrics: dict[str, dict[str, float]] = {}
     for m in metric_names:
         vals = [float(r["metrics"].get(m, r["score"])) for r in records]
-        lo, hi = bootstrap_ci(vals, n_bootstrap)
+        _, lo, hi = bootstrap_ci(vals, n_bootstrap)
         metrics[m] = {"mean": sum(vals) / len(vals) if vals else float("nan"), "ci_low": lo, "ci_high": hi}
     scores = [r["score"] for r in records]
-    lo, hi = bootstrap_ci(scores, n_bootstrap)
+    _, lo, hi = bootstrap_ci(scores, n_bootstrap)
     groups: dict[str, dict[str, float]] = {}
     for r in records:
         g = r.get("group")

@@ -391,8 +391,3 @@ class Router:
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(experts={self.experts}, config={self.config})"
-
-
-def load_router(directory: str | os.PathLike[str]) -> Router:
-    """``Router.load``: any trained router directory."""
-    return Router.load(directory)

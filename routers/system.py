@@ -21,25 +21,16 @@ trace is kept under ``expert_trace``. ``collab route ask`` routes through the sa
 from __future__ import annotations
 
 import json
-from typing import TYPE_CHECKING, Any, Iterator, Mapping, Protocol, Sequence, runtime_checkable
+from typing import TYPE_CHECKING, Any, Iterator, Mapping, Sequence
 
 import numpy as np
 
 from collab.errors import CollabError, RequestError
-from collab.system import BaseSystem, Completion, GenerationRequest, Scorer, StreamChunk, scorer
+from collab.system import BaseSystem, Completion, GenerationRequest, RendersRequests, Scorer, StreamChunk, scorer
 from routers.policies import CascadePolicy, CostPolicy, Decision, Policy, PolicyError, annotate, make_policy, parse_costs
 
 if TYPE_CHECKING:
     from routers.base import Router
-
-
-@runtime_checkable
-class RendersRequests(Protocol):
-    """A system that can show the exact text its model is given for a request
-    (``Expert.render``: the chat template applied), so that an answer can be scored
-    in the context it was generated in."""
-
-    def render(self, request: GenerationRequest) -> str: ...
 
 
 class RoutedSystem(BaseSystem):

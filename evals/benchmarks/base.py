@@ -90,10 +90,6 @@ class Benchmark:
             stop=list(self.stop),
         )
 
-    def prompt_text(self, example: Example) -> str:
-        """The full prompt as text, for results.jsonl."""
-        return "\n\n".join(m["content"] for m in self.messages(example))
-
     # ---------------------------------------------------------------- scoring
     def score(self, example: Example, output: str) -> Scored:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -160,9 +156,6 @@ class MultipleChoiceBenchmark(Benchmark):
         pred = parse_letter(output, len(example.choices))
         acc = float(pred == int(example.gold))
         return Scored(score=acc, metrics={"acc": acc, "acc_norm": acc}, detail={"pred": pred, "gold": int(example.gold)})
-
-    def prompt_text(self, example: Example) -> str:
-        return self.context(example)
 
     @property
     def multiple_choice(self) -> bool:

@@ -6,9 +6,10 @@ from pathlib import Path
 import pytest
 
 from collab.errors import CollabError, Interrupted, RequestError
+from collab.stats import bootstrap_ci
 from collab.system import BaseSystem, Completion, GenerationRequest, Usage
 from evals.benchmarks import Benchmark, Example, Scored, register_benchmark
-from evals.runner import EvalInterrupted, bootstrap_ci, evaluate, read_results
+from evals.runner import EvalInterrupted, evaluate, read_results
 
 
 class _Arith(Benchmark):
@@ -168,9 +169,10 @@ def test_max_tokens_reaches_the_request() -> None:
 
 
 def test_bootstrap_interval() -> None:
-    lo, hi = bootstrap_ci([1.0] * 50 + [0.0] * 50)
-    assert 0.38 < lo < 0.45 and 0.55 < hi < 0.62
-    assert bootstrap_ci([1.0, 1.0]) == (1.0, 1.0)
+    mean, lo, hi = bootstrap_ci([1.0] * 50 + [0.0] * 50)
+    assert mean == 0.5 and 0.38 < lo < 0.45 and 0.55 < hi < 0.62
+    assert bootstrap_ci([1.0, 1.0]) == (1.0, 1.0, 1.0)
+    assert bootstrap_ci([1.0] * 50 + [0.0] * 50, level=0.5)[1] > lo  # a narrower level, a narrower interval
 
 
 def test_multiple_choice_loglikelihood_batched_equals_unbatched(tiny_a) -> None:  # noqa: ANN001
