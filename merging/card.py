@@ -10,6 +10,7 @@ from typing import Any
 import yaml
 
 from merging.config import MergePlan
+from merging.settings import to_yaml
 
 
 def model_card(plan: MergePlan, name: str, extra: dict[str, Any] | None = None) -> str:
@@ -38,7 +39,7 @@ def model_card(plan: MergePlan, name: str, extra: dict[str, Any] | None = None) 
         inp = plan.inputs[ref]
         role = " (base)" if ref == plan.base_ref else ""
         lines.append(f"| `{ref}`{role} | {inp.kind} | {'; '.join(inp.notes)} |")
-    params = _parameters(plan.raw)
+    params = _parameters(plan)
     lines += ["", "## Parameters", ""]
     lines += [f"- `{loc}`: `{value}`" for loc, value in params] or ["- (method defaults)"]
     for title, body in (extra or {}).items():
@@ -47,20 +48,15 @@ def model_card(plan: MergePlan, name: str, extra: dict[str, Any] | None = None) 
     return "\n".join(lines)
 
 
-def _parameters(raw: dict[str, Any]) -> list[tuple[str, Any]]:
-    out: list[tuple[str, Any]] = []
-    for k, v in (raw.get("parameters") or {}).items():
-        out.append((k, v))
-    for m in raw.get("models") or []:
-        for k, v in (m.get("parameters") or {}).items():
-            out.append((f"{m['model']}.{k}", v))
-    for i, s in enumerate(raw.get("slices") or []):
-        for k, v in (s.get("parameters") or {}).items():
-            out.append((f"slices[{i}].{k}", v))
-        for src in s.get("sources") or []:
-            for k, v in (src.get("parameters") or {}).items():
-                out.append((f"slices[{i}].{src['model']}.{k}", v))
+def _parameters(plan: MergePlan) -> list[tuple[str, Any]]:
+    out: list[tuple[str, Any]] = [(k, to_yaml(v)) for k, v in plan.parameters.items()]
+    for m in plan.models:
+        out += [(f"{m.ref}.{k}", to_yaml(v)) for k, v in m.parameters.items()]
+    for i, s in enumerate(plan.slices):
+        out += [(f"slices[{i}].{k}", to_yaml(v)) for k, v in s.parameters.items()]
+        for src in s.sources:
+            out += [(f"slices[{i}].{src.ref}.{k}", to_yaml(v)) for k, v in src.parameters.items()]
     for key in ("dtype", "out_dtype", "tokenizer_source", "chat_template"):
-        if raw.get(key) is not None:
-            out.append((key, raw[key]))
+        if getattr(plan, key) is not None:
+            out.append((key, getattr(plan, key)))
     return out

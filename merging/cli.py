@@ -24,9 +24,8 @@ def merge_command(
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     if list_methods:
-        from merging.methods import all_methods, get_method
+        from merging.registry import all_methods
 
-        get_method("linear")  # loads collab's methods into the registry
         for m in all_methods().values():
             typer.echo(f"{m.name:18s} {m.source:9s} base={m.base:9s} {m.reference_url}")
         return

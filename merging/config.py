@@ -1,10 +1,13 @@
-"""Read a merge config (mergekit's YAML plus collab's additions) and check it
-against the input models before anything is written.
+"""Read a merge config (mergekit's YAML plus collab's additions) into a typed
+``MergePlan`` and check it against the input models before anything is written.
 
 collab adds to mergekit's schema: model references mergekit cannot read
 (``zoo:NAME``, ``.gguf``, LoRA adapter directories), the methods of
-``merging.methods``, and a top-level ``search:`` block (``merging.search``).
-Everything else is passed to mergekit unchanged.
+``merging.registry``, and a top-level ``search:`` block (``merging.search``).
+The plan carries the method's registry entry, the models or slices with their
+parameters parsed into typed settings (``merging.settings``) and checked
+against the method's declared parameters, and the normalised dtypes; the
+engine and the search read those fields, never the YAML.
 """
 
 from __future__ import annotations
@@ -12,46 +15,156 @@ from __future__ import annotations
 import copy
 import json
 import os
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import yaml
 
 from merging.errors import MergeError
-from merging.inputs import InputResolver, ResolvedInput, layer_pattern, read_config, tensor_shapes
-from merging.methods import MethodInfo, get_method
+from merging.inputs import InputResolver, ResolvedInput, layer_pattern, tensor_shapes
+from merging.methods import MethodInfo
+from merging.registry import get_method
+from merging.settings import Setting, leaves, parse, to_yaml
+from merging.tensorio import read_config
 
 #: Top-level keys collab reads itself and removes before mergekit sees the config.
 COLLAB_KEYS = ("search",)
 #: Top-level keys of mergekit's multi-document configs that a single merge ignores.
 _IGNORED_KEYS = ("name",)
-#: Output dtypes mergekit (``dtype_from_name``) and collab's engines both accept.
-DTYPES = ("float32", "bfloat16", "float16", "float64")
+#: The dtype names mergekit reads (``mergekit.common.dtype_from_name``), each
+#: also with a ``torch.`` prefix.
+DTYPES = ("float32", "bfloat16", "float16", "float64", "int64")
 _TOKENIZER_WORDS = ("union", "base")
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    """One entry of ``models:``: a reference as the config writes it and its parameters."""
+
+    ref: str
+    parameters: dict[str, Setting] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class SliceSource:
+    """One source of an output slice: layers ``layer_range[0]`` to ``layer_range[1] - 1`` of ``ref``."""
+
+    ref: str
+    layer_range: tuple[int, int]
+    parameters: dict[str, Setting] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class OutputSlice:
+    """One entry of ``slices:``: layers merged from its sources, in order."""
+
+    sources: tuple[SliceSource, ...]
+    base_model: str | None = None
+    parameters: dict[str, Setting] = field(default_factory=dict)
+    residual_weight: float | None = None
 
 
 @dataclass
 class MergePlan:
-    """A validated merge: the config with local paths and what it refers to."""
+    """A validated merge: the method, the typed config and the local directory
+    of every model it names. ``tokenizer`` and ``modules`` are kept as written:
+    only mergekit's own pipeline reads them (see ``merging.mergekit_run``)."""
 
     source_text: str
     source_path: Path | None
-    raw: dict[str, Any]
-    resolved: dict[str, Any]
     method: MethodInfo
     inputs: dict[str, ResolvedInput]
+    models: tuple[ModelEntry, ...] = ()
+    slices: tuple[OutputSlice, ...] = ()
+    base_model: str | None = None
+    parameters: dict[str, Setting] = field(default_factory=dict)
+    dtype: str | None = None
+    out_dtype: str | None = None
+    tokenizer_source: str | None = None
+    tokenizer: dict[str, Any] | None = None
+    chat_template: str | None = None
+    modules: dict[str, Any] | None = None
+    name: str | None = None
     search: dict[str, Any] | None = None
     model_refs: list[str] = field(default_factory=list)
 
-    def mergekit_config(self) -> Any:
-        """A fresh mergekit configuration (``run_merge`` mutates the one it gets)."""
-        return stable_configuration_class().model_validate(copy.deepcopy(self.resolved))
-
     @property
     def base_ref(self) -> str | None:
-        b = self.raw.get("base_model")
-        return _ref_str(b) if b is not None else None
+        return self.base_model
+
+    @property
+    def config_dir(self) -> Path | None:
+        return self.source_path.parent if self.source_path else None
+
+    def to_config(self, *, paths: bool = False) -> dict[str, Any]:
+        """The mergekit YAML this plan reads back as (``search`` excluded), with
+        model references as written or, with ``paths``, as local directories."""
+        cfg: dict[str, Any] = {}
+        if self.models:
+            cfg["models"] = [{"model": m.ref, **_params_yaml(m.parameters)} for m in self.models]
+        if self.slices:
+            cfg["slices"] = [
+                {
+                    "sources": [{"model": s.ref, "layer_range": list(s.layer_range), **_params_yaml(s.parameters)} for s in sl.sources],
+                    **({"base_model": sl.base_model} if sl.base_model else {}),
+                    **_params_yaml(sl.parameters),
+                    **({"residual_weight": sl.residual_weight} if sl.residual_weight is not None else {}),
+                }
+                for sl in self.slices
+            ]
+        if self.modules is not None:
+            cfg["modules"] = copy.deepcopy(self.modules)
+        cfg["merge_method"] = self.method.name
+        for key in ("base_model", "dtype", "out_dtype", "tokenizer_source", "chat_template", "name"):
+            if getattr(self, key) is not None:
+                cfg[key] = getattr(self, key)
+        if self.tokenizer is not None:
+            cfg["tokenizer"] = copy.deepcopy(self.tokenizer)
+        cfg.update(_params_yaml(self.parameters))
+        if paths:
+            for _slot, container, key in _ref_slots(cfg):
+                container[key] = str(self.inputs[_ref_str(container[key])].path)
+        return cfg
+
+    def mergekit_config(self) -> Any:
+        """A fresh mergekit configuration (``run_merge`` mutates the one it gets)."""
+        cfg = self.to_config(paths=True)
+        cfg.pop("name", None)
+        return stable_configuration_class().model_validate(cfg)
+
+    def with_models(self, models: tuple[ModelEntry, ...], source_text: str) -> MergePlan:
+        """The same merge with other ``models:`` entries (the search's weights)."""
+        return replace(self, models=models, source_text=source_text, search=None)
+
+    def shared_values(self) -> dict[str, Any]:
+        """The method's shared parameters as scalars, defaults filled in, for
+        whole-model methods (their settings are scalars: see ``_check_whole_model``)."""
+        out: dict[str, Any] = {}
+        for p in self.method.params:
+            if p.per_model:
+                continue
+            if p.name in self.parameters:
+                out[p.name] = p.check(self.parameters[p.name])
+            elif not p.required:
+                out[p.name] = p.default
+        return out
+
+    def model_values(self, name: str) -> list[Any]:
+        """Per-model parameter ``name`` of each ``models:`` entry as a scalar (its
+        own setting, else the top-level one, else the default)."""
+        p = self.method.param(name)
+        assert p is not None, name
+        out = []
+        for m in self.models:
+            setting = m.parameters.get(name, self.parameters.get(name, p.default))
+            out.append(p.check(setting))
+        return out
+
+
+def _params_yaml(params: dict[str, Setting]) -> dict[str, Any]:
+    return {"parameters": {k: to_yaml(v) for k, v in params.items()}} if params else {}
 
 
 def stable_configuration_class() -> type:
@@ -88,12 +201,12 @@ def stable_configuration_class() -> type:
 _STABLE: type | None = None
 
 
-def _ref_str(value: Any) -> str:
+def _ref_str(value: Any, where: str = "model") -> str:
     if isinstance(value, str):
         return value
     if isinstance(value, dict) and isinstance(value.get("model"), str):
         return value["model"] + (f"+{value['lora']}" if value.get("lora") else "")
-    raise MergeError(f"expected a model reference (a string), found {value!r}")
+    raise MergeError(f"{where}: expected a model reference (a string), found {value!r}")
 
 
 def _ref_slots(cfg: dict[str, Any]) -> Iterator[tuple[str, dict[str, Any] | list[Any], Any]]:
@@ -151,7 +264,7 @@ def plan_merge(
     resolver_factory: Callable[[Path | None], InputResolver],
 ) -> MergePlan:
     """Parse, resolve every model reference and validate; raise MergeError naming
-    the field, model, tensor and shapes on the first problem found."""
+    the file, field, model, tensor and shapes on the first problem found."""
     raw, text, path = load_config(config)
     where = str(path) if path else "config"
     _validate_keys(raw, where)
@@ -165,47 +278,129 @@ def plan_merge(
     if search is not None and not isinstance(search, dict):
         raise MergeError(f"{where}: 'search' must be a mapping (method, eval, ...), found {search!r}")
     resolver = resolver_factory(path)
-    resolved = copy.deepcopy(raw)
     refs: list[str] = []
-    for slot, container, key in _ref_slots(resolved):
-        ref = _ref_str(container[key])
-        inp = resolver(ref, f"{where}: {slot}")
-        container[key] = str(inp.path)
+    for slot, container, key in _ref_slots(raw):
+        ref = _ref_str(container[key], f"{where}: {slot}")
+        container[key] = ref
+        resolver(ref, f"{where}: {slot}")
         if ref not in refs:
             refs.append(ref)
-    plan = MergePlan(text, path, raw, resolved, method, dict(resolver.resolved), search, refs)
-    _validate_schema(plan, where)
+    plan = _typed_plan(raw, text, path, method, dict(resolver.resolved), search, refs, where)
     _validate_parameters(plan, where)
     _validate_models(plan, where)
     return plan
 
 
-def allowed_keys() -> tuple[str, ...]:
-    """The top-level keys a merge config may have: mergekit's ``MergeConfiguration``
-    fields, collab's own (``search``) and keys a single merge ignores (``name``)."""
-    from mergekit.config import MergeConfiguration
-
-    return tuple(MergeConfiguration.model_fields) + COLLAB_KEYS + _IGNORED_KEYS
+def _mapping(value: Any, where: str, what: str) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise MergeError(f"{where}: expected {what}, found {value!r}")
+    return value
 
 
-def _validate_keys(raw: dict[str, Any], where: str) -> None:
-    """Unknown top-level keys (mergekit's schema ignores them, so a typo would
-    silently change the merge) and bad ``dtype``/``out_dtype`` values."""
-    allowed = allowed_keys()
-    for key in raw:
-        if key not in allowed:
-            raise MergeError(f"{where}: unknown top-level key {key!r}; expected one of {', '.join(allowed)}")
-    for key in ("dtype", "out_dtype"):
-        value = raw.get(key)
-        if value is not None and value not in DTYPES:
-            raise MergeError(f"{where}: {key}: expected one of {', '.join(DTYPES)}, found {value!r}")
+def _keys(value: dict[str, Any], allowed: tuple[str, ...], where: str) -> None:
+    for k in value:
+        if k not in allowed:
+            raise MergeError(f"{where}: unknown key {k!r}; expected one of {', '.join(allowed)}")
 
 
-def _validate_schema(plan: MergePlan, where: str) -> None:
-    from merging import lean
+def _parameters(value: Any, where: str) -> dict[str, Setting]:
+    if value is None:
+        return {}
+    params = _mapping(value, where, "a mapping of parameter names to values")
+    return {str(k): parse(v, f"{where}.{k}") for k, v in params.items()}
 
-    if lean.supports(plan):
-        return  # a plain models/base_model/scalars config: checked below, mergekit not needed
+
+def _dtype(raw: dict[str, Any], key: str, where: str) -> str | None:
+    value = raw.get(key)
+    if value is None or value == "":
+        return None
+    name = value.removeprefix("torch.") if isinstance(value, str) else value
+    if name not in DTYPES:
+        raise MergeError(f"{where}: {key}: expected one of {', '.join(DTYPES)} (optionally prefixed 'torch.'), found {value!r}")
+    return name
+
+
+def _typed_plan(
+    raw: dict[str, Any],
+    text: str,
+    path: Path | None,
+    method: MethodInfo,
+    inputs: dict[str, ResolvedInput],
+    search: dict[str, Any] | None,
+    refs: list[str],
+    where: str,
+) -> MergePlan:
+    given = [k for k in ("models", "slices", "modules") if raw.get(k)]
+    if len(given) != 1:
+        raise MergeError(f"{where}: give exactly one of 'models', 'slices' or 'modules', found {given or 'none'}")
+    if raw.get("tokenizer_source") is not None and raw.get("tokenizer") is not None:
+        raise MergeError(f"{where}: give 'tokenizer_source' or a 'tokenizer:' block, not both")
+    models: list[ModelEntry] = []
+    for i, m in enumerate(raw.get("models") or []):
+        loc = f"{where}: models[{i}]"
+        _keys(_mapping(m, loc, "a mapping with 'model' and optional 'parameters'"), ("model", "parameters"), loc)
+        if "model" not in m:
+            raise MergeError(f"{loc}: field 'model' is missing")
+        models.append(ModelEntry(m["model"], _parameters(m.get("parameters"), f"{loc}.parameters")))
+    slices: list[OutputSlice] = []
+    for i, s in enumerate(raw.get("slices") or []):
+        loc = f"{where}: slices[{i}]"
+        _keys(_mapping(s, loc, "a mapping with 'sources'"), ("sources", "base_model", "parameters", "residual_weight"), loc)
+        if not isinstance(s.get("sources"), list) or not s["sources"]:
+            raise MergeError(f"{loc}.sources: expected a non-empty list of sources, found {s.get('sources')!r}")
+        sources = []
+        for j, src in enumerate(s["sources"]):
+            sloc = f"{loc}.sources[{j}]"
+            _keys(_mapping(src, sloc, "a mapping with 'model' and 'layer_range'"), ("model", "layer_range", "parameters"), sloc)
+            lr = src.get("layer_range")
+            if not (isinstance(lr, list) and len(lr) == 2 and all(isinstance(x, int) and not isinstance(x, bool) for x in lr) and 0 <= lr[0] < lr[1]):
+                raise MergeError(f"{sloc}.layer_range: expected [first, end] with 0 <= first < end, found {lr!r}")
+            if "model" not in src:
+                raise MergeError(f"{sloc}: field 'model' is missing")
+            sources.append(SliceSource(src["model"], (lr[0], lr[1]), _parameters(src.get("parameters"), f"{sloc}.parameters")))
+        rw = s.get("residual_weight")
+        if rw is not None and (isinstance(rw, bool) or not isinstance(rw, (int, float))):
+            raise MergeError(f"{loc}.residual_weight: expected a number, found {rw!r}")
+        slices.append(OutputSlice(tuple(sources), s.get("base_model"), _parameters(s.get("parameters"), f"{loc}.parameters"), rw))
+    modules = raw.get("modules")
+    if modules is not None:
+        _mapping(modules, f"{where}: modules", "a mapping of module names to models or slices")
+    tokenizer = raw.get("tokenizer")
+    if tokenizer is not None:
+        _mapping(tokenizer, f"{where}: tokenizer", "a mapping (source, tokens, pad_to_multiple_of)")
+    ts = raw.get("tokenizer_source")
+    if ts is not None and not isinstance(ts, str):
+        raise MergeError(f"{where}: tokenizer_source: expected 'union', 'base' or a model, found {ts!r}")
+    ct = raw.get("chat_template")
+    if ct is not None and not isinstance(ct, str):
+        raise MergeError(f"{where}: chat_template: expected a template name or a Jinja template, found {ct!r}")
+    plan = MergePlan(
+        source_text=text,
+        source_path=path,
+        method=method,
+        inputs=inputs,
+        models=tuple(models),
+        slices=tuple(slices),
+        base_model=raw.get("base_model"),
+        parameters=_parameters(raw.get("parameters"), f"{where}: parameters"),
+        dtype=_dtype(raw, "dtype", where),
+        out_dtype=_dtype(raw, "out_dtype", where),
+        tokenizer_source=ts,
+        tokenizer=copy.deepcopy(tokenizer),
+        chat_template=ct,
+        modules=copy.deepcopy(modules),
+        name=raw.get("name"),
+        search=search,
+        model_refs=refs,
+    )
+    if modules is not None or tokenizer is not None:
+        _validate_mergekit_schema(plan, where)  # blocks only mergekit's pipeline reads
+    if method.whole_model and not plan.models:
+        raise MergeError(f"{where}: method '{method.name}' merges whole models; give 'models:' (slices and modules are not supported)")
+    return plan
+
+
+def _validate_mergekit_schema(plan: MergePlan, where: str) -> None:
     from pydantic import ValidationError
 
     try:
@@ -216,63 +411,85 @@ def _validate_schema(plan: MergePlan, where: str) -> None:
         raise MergeError(f"{where}: {loc}: {first['msg']} (found {first.get('input')!r})") from None
     except (RuntimeError, ValueError) as e:
         raise MergeError(f"{where}: {e}") from None
-    if plan.method.engine == "collab" and not plan.raw.get("models"):
-        raise MergeError(f"{where}: method '{plan.method.name}' merges whole models; give 'models:' (slices and modules are not supported)")
 
 
-def _param_scopes(raw: dict[str, Any]) -> Iterator[tuple[str, dict[str, Any], str | None]]:
-    """(where, parameters, model ref or None for shared scopes)."""
-    if raw.get("parameters") is not None:
-        yield "parameters", raw["parameters"], None
-    for i, m in enumerate(raw.get("models") or []):
-        if m.get("parameters") is not None:
-            yield f"models[{i}].parameters", m["parameters"], _ref_str(m["model"])
-    for i, s in enumerate(raw.get("slices") or []):
-        if s.get("parameters") is not None:
-            yield f"slices[{i}].parameters", s["parameters"], None
-        for j, src in enumerate(s.get("sources") or []):
-            if src.get("parameters") is not None:
-                yield f"slices[{i}].sources[{j}].parameters", src["parameters"], _ref_str(src["model"])
-    for name, mod in (raw.get("modules") or {}).items():
-        if mod.get("parameters") is not None:
-            yield f"modules.{name}.parameters", mod["parameters"], None
+def allowed_keys() -> tuple[str, ...]:
+    """The top-level keys a merge config may have: mergekit's ``MergeConfiguration``
+    fields, collab's own (``search``) and keys a single merge ignores (``name``)."""
+    return _MERGEKIT_KEYS + COLLAB_KEYS + _IGNORED_KEYS
+
+
+#: ``mergekit.config.MergeConfiguration``'s fields (pinned by tests/merging/test_validation.py).
+_MERGEKIT_KEYS = (
+    "modules", "slices", "models", "merge_method", "base_model", "dtype",
+    "tokenizer_source", "tokenizer", "chat_template", "out_dtype", "parameters",
+)
+
+
+def _validate_keys(raw: dict[str, Any], where: str) -> None:
+    """Unknown top-level keys: mergekit's schema ignores them, so a typo would
+    silently change the merge."""
+    allowed = allowed_keys()
+    for key in raw:
+        if key not in allowed:
+            raise MergeError(f"{where}: unknown top-level key {key!r}; expected one of {', '.join(allowed)}")
+
+
+def _param_scopes(plan: MergePlan) -> Iterator[tuple[str, dict[str, Setting], bool]]:
+    """(where, parameters, whether the scope is one model's)."""
+    yield "parameters", plan.parameters, False
+    for i, m in enumerate(plan.models):
+        yield f"models[{i}].parameters", m.parameters, True
+    for i, s in enumerate(plan.slices):
+        yield f"slices[{i}].parameters", s.parameters, False
+        for j, src in enumerate(s.sources):
+            yield f"slices[{i}].sources[{j}].parameters", src.parameters, True
+    for name, mod in (plan.modules or {}).items():
+        if isinstance(mod, dict) and mod.get("parameters") is not None:
+            yield f"modules.{name}.parameters", _parameters(mod["parameters"], f"modules.{name}.parameters"), False
 
 
 def _validate_parameters(plan: MergePlan, where: str) -> None:
     m = plan.method
     names = [p.name for p in m.params]
     given_shared: set[str] = set()
-    for loc, params, model in _param_scopes(plan.raw):
-        if not isinstance(params, dict):
-            raise MergeError(f"{where}: {loc}: expected a mapping of parameter names to values, found {params!r}")
-        for k in params:
+    for loc, params, per_model in _param_scopes(plan):
+        for k, setting in params.items():
             p = m.param(k)
             if p is None:
                 raise MergeError(
                     f"{where}: {loc}: unknown parameter {k!r} for method '{m.name}'; expected one of {', '.join(names) or '(none)'}"
                 )
-            if model is not None and not p.per_model:
+            if per_model and not p.per_model:
                 raise MergeError(f"{where}: {loc}: parameter {k!r} of '{m.name}' applies to the whole merge; set it under the top-level 'parameters'")
-        if model is None:
+            if m.whole_model and not isinstance(setting, (bool, int, float, str)):
+                raise MergeError(f"{where}: {loc}.{k}: method '{m.name}' takes one value, found {to_yaml(setting)!r} (gradients and filters are for tensor-wise methods)")
+            for value in leaves(setting):
+                try:
+                    p.check(value)
+                except ValueError as e:
+                    raise MergeError(f"{where}: {loc}.{k}: {e}") from None
+        if not per_model:
             given_shared |= set(params)
     base = plan.base_ref
-    if m.base == "required" and base is None and not any(s.get("base_model") for s in plan.raw.get("slices") or []):
+    if m.base == "required" and base is None and not any(s.base_model for s in plan.slices):
         raise MergeError(f"{where}: method '{m.name}' needs a base model; add 'base_model: <the model the others were fine-tuned from>'")
     for p in m.params:
         if not p.required or p.name in given_shared:
             continue
-        for i, mod in enumerate(plan.raw.get("models") or []):
-            ref = _ref_str(mod["model"])
-            if p.per_model and ref == base and m.base != "ignored":
+        for i, mod in enumerate(plan.models):
+            if p.scope == "non_base" and mod.ref == base:
                 continue
-            if p.name not in (mod.get("parameters") or {}):
-                raise MergeError(f"{where}: models[{i}] ({ref}): parameter {p.name!r} is required by method '{m.name}' and not set")
+            if p.name not in mod.parameters:
+                raise MergeError(f"{where}: models[{i}] ({mod.ref}): parameter {p.name!r} is required by method '{m.name}' and not set")
+        if not p.per_model and plan.models:
+            raise MergeError(f"{where}: parameters: {p.name!r} is required by method '{m.name}' and not set")
 
 
 def _input_models(plan: MergePlan) -> list[str]:
     """References whose weights are merged (tokenizer-only donors excluded)."""
     out: list[str] = []
-    for slot, container, key in _ref_slots(plan.raw):
+    for slot, container, key in _ref_slots(plan.to_config()):
         if slot.startswith("tokenizer"):
             continue
         ref = _ref_str(container[key])
@@ -310,8 +527,8 @@ def _validate_models(plan: MergePlan, where: str) -> None:
     refs = _input_models(plan)
     if not refs:
         raise MergeError(f"{where}: no input models")
-    has_tok_rule = plan.raw.get("tokenizer_source") is not None or plan.raw.get("tokenizer") is not None
-    by_layer = bool(plan.raw.get("slices") or plan.raw.get("modules"))
+    has_tok_rule = plan.tokenizer_source is not None or plan.tokenizer is not None
+    by_layer = bool(plan.slices or plan.modules)
     first = refs[0] if plan.base_ref is None else plan.base_ref
     ref_dir = plan.inputs[first].path
     ref_cfg = read_config(ref_dir)

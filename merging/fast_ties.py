@@ -14,8 +14,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from merging.lean import LEAN_KERNELS, LeanKernel
-from merging.methods import MethodInfo, Param, register
+from merging.methods import MethodInfo, Param, TensorGroup
 
 REFERENCE_URL = "https://arxiv.org/abs/2306.01708"
 
@@ -89,17 +88,21 @@ def ties_merge(
     return (base + mixed).to(base.dtype)
 
 
-def _lean_kernel(base: Any, tensors: list[Any], params: list[dict[str, Any]]) -> Any:
-    p0 = params[0] if params else {}
+def ties_fast_kernel(group: TensorGroup, params: dict[str, Any], inplace: bool = True) -> Any:
+    """The streaming kernel of ``ties_fast``: ``ties_merge`` of one tensor, the
+    task vectors formed in place in the freshly read inputs (unless not ``inplace``)."""
+    if group.base is None:
+        raise ValueError(f"ties_fast: tensor '{group.name}' has no base model input")
+    others = [(r, t) for i, (r, t) in enumerate(zip(group.refs, group.tensors)) if i != group.base]
     return ties_merge(
-        base,
-        tensors,
-        [float(p["weight"]) for p in params],
-        [float(p["density"]) for p in params],
-        normalize=bool(p0.get("normalize", True)),
-        lam=float(p0.get("lambda", 1.0)),
-        rescale=bool(p0.get("rescale", False)),
-        inplace=True,
+        group.tensors[group.base],
+        [t for _, t in others],
+        [float(params["weight"][r]) for r, _ in others],
+        [float(params["density"][r]) for r, _ in others],
+        normalize=bool(params["normalize"]),
+        lam=float(params["lambda"]),
+        rescale=bool(params["rescale"]),
+        inplace=inplace,
     )
 
 
@@ -107,7 +110,10 @@ def _factory() -> Any:
     from dataclasses import dataclass
 
     import torch
-    from mergekit.merge_methods.generalized_task_arithmetic import ConsensusMethod, GeneralizedTaskArithmeticMerge
+    from mergekit.merge_methods.generalized_task_arithmetic import (
+        ConsensusMethod,
+        GeneralizedTaskArithmeticMerge,
+    )
     from mergekit.sparsify import SparsificationMethod
 
     @dataclass(frozen=True)
@@ -139,24 +145,22 @@ def _factory() -> Any:
     )
 
 
-register(
-    MethodInfo(
-        name="ties_fast",
-        source="collab",
-        engine="mergekit",
-        params=(
-            Param("int8_mask", False),
-            Param("normalize", True),
-            Param("rescale", False),
-            Param("lambda", 1.0),
-            Param("weight", per_model=True, doc="scale of this model's task vector"),
-            Param("density", 1.0, per_model=True, doc="fraction of the task vector kept"),
-        ),
-        base="required",
-        pretty_name="TIES (threshold selection)",
-        reference_url=REFERENCE_URL,
-        mergekit_factory=_factory,
-    )
+TIES_FAST = MethodInfo(
+    name="ties_fast",
+    source="collab",
+    params=(
+        Param("int8_mask", bool, False, doc="accepted for compatibility with ties; masks are always boolean here"),
+        Param("normalize", bool, True, doc="divide by the summed weights of the agreeing models"),
+        Param("rescale", bool, False, doc="rescale the kept entries to the task vector's L1 norm"),
+        Param("lambda", float, 1.0, doc="scale of the merged task vector"),
+        Param("weight", float, scope="non_base", doc="scale of this model's task vector"),
+        Param("density", float, 1.0, scope="non_base", doc="fraction of the task vector kept"),
+    ),
+    base="required",
+    kernel=ties_fast_kernel,
+    pretty_name="TIES (threshold selection)",
+    reference_url=REFERENCE_URL,
+    mergekit_factory=_factory,
+    inplace=True,
+    memory_kernel=lambda group, params: ties_fast_kernel(group, params, inplace=False),
 )
-
-LEAN_KERNELS["ties_fast"] = LeanKernel(_lean_kernel, uses_base=True)

@@ -17,9 +17,9 @@ import shutil
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from merging.errors import MergeError
+from merging.tensorio import SafetensorsReader, safetensors_files
 
 #: Files copied along with weights when an input is rewritten into a work directory.
 _SIDE_FILES = (
@@ -47,42 +47,14 @@ class ResolvedInput:
     notes: list[str] = field(default_factory=list)  # for the model card: no machine paths
 
 
-def safetensors_files(model_dir: Path) -> list[Path]:
-    return sorted(model_dir.glob("*.safetensors"))
-
-
 def tensor_shapes(model_dir: Path) -> dict[str, tuple[int, ...]]:
     """Name -> shape of every tensor of a safetensors model directory, read from
     the file headers only (no tensor data is loaded)."""
     shapes: dict[str, tuple[int, ...]] = {}
     for f in safetensors_files(model_dir):
-        with open(f, "rb") as fh:
-            n = int.from_bytes(fh.read(8), "little")
-            header = json.loads(fh.read(n))
-        for name, info in header.items():
-            if name != "__metadata__":
-                shapes[name] = tuple(info["shape"])
+        with SafetensorsReader(f) as reader:
+            shapes.update((name, tuple(info["shape"])) for name, info in reader.header.items())
     return shapes
-
-
-def tensor_locations(model_dir: Path) -> dict[str, Path]:
-    """Name -> the shard that stores it."""
-    out: dict[str, Path] = {}
-    for f in safetensors_files(model_dir):
-        with open(f, "rb") as fh:
-            n = int.from_bytes(fh.read(8), "little")
-            header = json.loads(fh.read(n))
-        for name in header:
-            if name != "__metadata__":
-                out[name] = f
-    return out
-
-
-def read_config(model_dir: Path) -> dict[str, Any]:
-    try:
-        return json.loads((model_dir / "config.json").read_text())
-    except FileNotFoundError:
-        raise MergeError(f"{model_dir}: config.json not found (expected a Hugging Face model directory)") from None
 
 
 def _key(*parts: str) -> str:
@@ -147,7 +119,8 @@ class InputResolver:
             base_dir = res.path
             kind = "hf"
         if res.adapter is not None:
-            note = f"LoRA adapter merged into its base '{res.base_ref}'" if res.base_ref else "LoRA adapter merged into its base"
+            base_ref = _adapter_base(res.adapter)
+            note = f"LoRA adapter merged into its base '{base_ref}'" if base_ref else "LoRA adapter merged into its base"
             return self._merge_lora(ref, base_dir, res.adapter, where, "; ".join([note] + notes))
         return self._check_weights(ResolvedInput(ref=ref, path=base_dir.resolve(), kind=kind, notes=notes), where)
 
@@ -206,6 +179,15 @@ class InputResolver:
             _copy_side_files(adapter, tmp, skip=("config.json", "generation_config.json"))
             os.replace(tmp, out)
         return ResolvedInput(ref=ref, path=out, kind="lora", notes=[note])
+
+
+def _adapter_base(adapter: Path) -> str | None:
+    """The base model a PEFT adapter names (``base_model_name_or_path``), as written."""
+    try:
+        base = json.loads((adapter / "adapter_config.json").read_text()).get("base_model_name_or_path")
+    except (OSError, json.JSONDecodeError):
+        return None
+    return str(base) if base else None
 
 
 def _copy_side_files(src: Path, dst: Path, skip: tuple[str, ...] = ()) -> None:

@@ -1,22 +1,24 @@
-"""``merging.merge``: validate a merge config, run it, and write the merged model
-atomically. mergekit's methods run through mergekit's own ``run_merge``;
-collab's data-aware methods through ``merging.datamerge``."""
+"""``merging.merge``: validate a merge config, run it on collab's engine
+(``merging.engine``; mergekit's ``run_merge`` for the few configs the engine
+does not lay out, see ``merging.mergekit_run``), and write the merged model
+atomically."""
 
 from __future__ import annotations
 
 import contextlib
-import copy
 import os
 import shutil
 import tempfile
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 from merging.config import MergePlan, plan_merge
 from merging.errors import MergeError
-from merging.inputs import InputResolver, safetensors_files
+from merging.inputs import InputResolver
+from merging.tensorio import safetensors_files
 
 #: Parameters per output shard (mergekit's ``--out-shard-size`` default is 5B).
 DEFAULT_SHARD_SIZE = 5_000_000_000
@@ -85,6 +87,9 @@ def merge(
 
             check_search(plan)
         if dry_run:
+            from merging.engine import check
+
+            check(plan)
             return MergeResult(None, plan.method.name, plan.model_refs, time.perf_counter() - t0, dry_run=True)
         assert out is not None
         extra: dict[str, Any] = {}
@@ -100,16 +105,16 @@ def merge(
             from collab.io import atomic_directory
 
             with atomic_directory(out, overwrite=overwrite) as tmp:
-                from merging import lean
+                from merging.layout import unsupported
 
-                if lean.supports(plan):
-                    n = lean.run_lean(plan, tmp, progress=progress, shard_size=shard_size)
-                elif plan.method.engine == "mergekit":
-                    n = _run_mergekit(plan, tmp, seed=seed, progress=progress, workdir=workdir, shard_size=shard_size)
+                if unsupported(plan) is None:
+                    from merging.engine import run
+
+                    n = run(plan, tmp, progress=progress, seed=seed, shard_size=shard_size, workdir=workdir)
                 else:
-                    from merging.datamerge import run_collab_method
+                    from merging.mergekit_run import run as run_mergekit
 
-                    n = run_collab_method(plan, tmp, seed=seed, progress=progress, workdir=workdir, shard_size=shard_size)
+                    n = run_mergekit(plan, tmp, seed=seed, progress=progress, workdir=workdir, shard_size=shard_size)
                 if not safetensors_files(tmp):
                     raise MergeError(f"{plan.source_path or 'config'}: the merge produced no weights")
                 _write_card(plan, tmp, out.name, extra, table)
@@ -137,7 +142,13 @@ def _progress(quiet: bool) -> Iterator[Progress]:
         yield Progress(None)
         return
     from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress as RichProgress, TextColumn, TimeElapsedColumn
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        TextColumn,
+        TimeElapsedColumn,
+    )
+    from rich.progress import Progress as RichProgress
 
     bar = RichProgress(
         TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=Console(stderr=True), transient=False
@@ -146,69 +157,10 @@ def _progress(quiet: bool) -> Iterator[Progress]:
         yield Progress(bar)
 
 
-@contextlib.contextmanager
-def _rich_executor(progress: Progress) -> Iterator[None]:
-    """mergekit has no progress hook, only a tqdm bar inside ``Executor.run``;
-    swap in a subclass that reports each written tensor to the rich bar while
-    ``run_merge`` runs."""
-    import mergekit.merge as mk_merge
-
-    original = mk_merge.Executor
-
-    class _ReportingExecutor(original):  # type: ignore[misc, valid-type]
-        def run(self, quiet: bool = False, desc: str | None = None) -> Iterator[Any]:
-            advance = progress.start("merging tensors", len(self.targets))
-            for task, value in super().run(quiet=True, desc=desc):
-                advance(1)
-                yield task, value
-
-    mk_merge.Executor = _ReportingExecutor
-    try:
-        yield
-    finally:
-        mk_merge.Executor = original
-
-
-def _run_mergekit(plan: MergePlan, out: Path, *, seed: int | None, progress: Progress, workdir: Path, shard_size: int) -> int:
-    from mergekit.merge import run_merge
-    from mergekit.options import MergeOptions
-
-    from merging.methods import ensure_mergekit_registered
-
-    ensure_mergekit_registered(plan.method)
-    options = MergeOptions(
-        copy_tokenizer=True,
-        write_model_card=False,  # collab writes its own (mergekit's asks the Hub)
-        quiet=True,
-        random_seed=seed,
-        out_shard_size=shard_size,
-        lora_merge_cache=str(workdir / "mergekit-lora"),
-        safe_serialization=True,
-        trust_remote_code=False,
-    )
-    config = plan.mergekit_config()
-    from merging.lean import explicit_reads
-
-    with _rich_executor(progress), explicit_reads():
-        try:
-            run_merge(copy.deepcopy(config), str(out), options=options)
-        except (RuntimeError, ValueError, TypeError) as e:
-            raise MergeError(f"{plan.source_path or 'config'}: mergekit could not run this merge: {e}") from e
-    return sum(len(_names(f)) for f in safetensors_files(out))
-
-
-def _names(shard: Path) -> list[str]:
-    from safetensors import safe_open
-
-    with safe_open(str(shard), framework="pt") as f:
-        return list(f.keys())
-
-
 def _write_card(plan: MergePlan, out: Path, name: str, extra: dict[str, Any], table: list[dict[str, Any]] | None) -> None:
     import json
 
     from collab.io import atomic_write_text
-
     from merging.card import model_card
 
     atomic_write_text(out / "README.md", model_card(plan, name, extra))

@@ -19,16 +19,16 @@ model's block weights. The merge written uses mergekit's filter syntax
 (``weight: [{filter: ".layers.0.", value: ...}, ..., {value: mean}]``), so the
 tensor-to-weight rule of the search and of the final merge is the same.
 
-Every candidate is merged in memory with mergekit's ``merge_state_dicts`` (so
-any method with a per-model ``weight`` works, e.g. linear, task_arithmetic,
-ties, dare_*), loaded into one model and scored with
-``Expert.loglikelihood_rolling``. All inputs are held in memory: meant for
+Every candidate is merged in memory by the merge engine's
+``merge_state_dicts`` (the same tensor plan and kernels as the merge written
+at the end, so any method with a per-model ``weight`` works, e.g. linear,
+task_arithmetic, ties, ties_fast, dare_*), loaded into one model and scored
+with ``Expert.loglikelihood_rolling``. All inputs are held in memory: meant for
 models of up to a few hundred million parameters.
 """
 
 from __future__ import annotations
 
-import copy
 import itertools
 import math
 import re
@@ -66,7 +66,7 @@ class SearchOutcome:
 
 
 def _searched_refs(plan: MergePlan) -> list[str]:
-    refs = [str(m["model"]) for m in plan.raw.get("models") or []]
+    refs = [m.ref for m in plan.models]
     if plan.method.base in ("required", "optional") and plan.base_ref is not None:
         refs = [r for r in refs if r != plan.base_ref]
     return refs
@@ -74,7 +74,7 @@ def _searched_refs(plan: MergePlan) -> list[str]:
 
 def _eval_path(plan: MergePlan) -> Path:
     s = plan.search or {}
-    rel = s.get("eval") or (plan.raw.get("parameters") or {}).get("calibration")
+    rel = s.get("eval") or plan.parameters.get("calibration")
     if not rel:
         raise MergeError("search.eval: name a .txt or .jsonl file of texts to score merges on (perplexity)")
     p = Path(str(rel)).expanduser()
@@ -95,9 +95,9 @@ def check_search(plan: MergePlan) -> None:
     if s.get("method") not in SEARCH_METHODS:
         raise MergeError(f"search.method: expected one of {SEARCH_METHODS}, found {s.get('method')!r}")
     p = plan.method.param("weight")
-    if plan.method.engine != "mergekit" or p is None or not p.per_model:
+    if plan.method.kernel is None or p is None or not p.per_model:
         raise MergeError(f"search: method '{plan.method.name}' has no per-model 'weight' to search (use linear, task_arithmetic, ties, dare_*, ...)")
-    if not plan.raw.get("models"):
+    if not plan.models:
         raise MergeError("search: needs 'models:' (slices are not searched)")
     if len(_searched_refs(plan)) < 2:
         raise MergeError("search: needs at least two models whose weights can vary")
@@ -123,27 +123,6 @@ def check_search(plan: MergePlan) -> None:
     _eval_path(plan)
 
 
-def _scalar_params(plan: MergePlan, refs: list[str]) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
-    shared = {k: v for k, v in (plan.raw.get("parameters") or {}).items()}
-    per: dict[str, dict[str, Any]] = {}
-    for m in plan.raw["models"]:
-        for k, v in (m.get("parameters") or {}).items():
-            if k != "weight":
-                per.setdefault(k, {})[str(m["model"])] = v
-    for k, v in list(shared.items()) + [(k, x) for k, d in per.items() for x in d.values()]:
-        if isinstance(v, (list, dict)):
-            raise MergeError(f"search: parameter {k!r} has a gradient or filter ({v!r}); the search takes scalar parameters only")
-    for k in list(shared):
-        p = plan.method.param(k)
-        if p is not None and p.per_model:
-            per.setdefault(k, {})
-            for r in refs:
-                per[k].setdefault(r, shared[k])
-            del shared[k]
-    shared.pop("weight", None)
-    return shared, per
-
-
 @dataclass(frozen=True)
 class LayerBlocks:
     """Decoder layers 0..n_layers-1 cut into ``len(bounds)`` blocks of
@@ -153,7 +132,7 @@ class LayerBlocks:
     bounds: tuple[tuple[int, int], ...]
 
     @classmethod
-    def split(cls, n_layers: int, blocks: int) -> "LayerBlocks":
+    def split(cls, n_layers: int, blocks: int) -> LayerBlocks:
         if blocks > n_layers:
             raise MergeError(f"search.layers: {blocks} blocks asked for, but the models have {n_layers} decoder layers")
         edges = [round(b * n_layers / blocks) for b in range(blocks + 1)]
@@ -190,58 +169,40 @@ def _layer_count(names: Any) -> int:
 def run_search(plan: MergePlan, *, workdir: Path, quiet: bool, seed: int | None) -> SearchOutcome:
     """Score candidate weights, then return the plan with the best ones."""
     import torch
-    from mergekit import merge_methods
-    from mergekit.merge_methods import merge_state_dicts
 
     from collab.experts import Expert
     from merging.calibration import read_texts
-    from merging.methods import ensure_mergekit_registered
-    from merging.datamerge import TensorReader
+    from merging.engine import merge_state_dicts
+    from merging.layout import model_dirs
+    from merging.tensorio import ModelReader
 
     s = plan.search or {}
     bench = s.get("benchmark")
     texts = [] if bench else read_texts(_eval_path(plan), int(s.get("samples", 16)))
     refs = _searched_refs(plan)
-    all_refs = [str(m["model"]) for m in plan.raw["models"]]
-    ensure_mergekit_registered(plan.method)
-    method = merge_methods.get(plan.method.name)
-    shared, per = _scalar_params(plan, refs)
     state: dict[str, dict[str, Any]] = {}
-    with_base = plan.base_ref is not None and plan.method.base in ("required", "optional") and plan.base_ref not in all_refs
-    for r in all_refs + ([plan.base_ref] if with_base else []):
-        reader = TensorReader(plan.inputs[r].path)
-        state[r] = {k: reader.get(k) for k in reader.locations}
-    donor = plan.inputs[plan.base_ref or all_refs[0]].path
+    for r, d in model_dirs(plan).items():
+        reader = ModelReader(d)
+        state[r] = {k: reader.get(k) for k in reader.names()}
+        reader.close()
+    donor = plan.inputs[plan.base_ref or plan.models[0].ref].path
     expert = Expert.load(donor, name="search")
-    base = plan.base_ref if plan.method.base in ("required", "optional") else None
     n_tokens = sum(len(expert.tokenizer(t).input_ids) for t in texts)
     table: list[dict[str, Any]] = []
     if seed is not None:
         torch.manual_seed(seed)
     n_blocks = int(s.get("layers") or 1)
-    blocks = LayerBlocks.split(_layer_count(state[all_refs[0]]), n_blocks) if n_blocks > 1 else None
-    # Tensor names per group of equal weights: each layer block, then (key None) everything else.
-    groups: dict[int | None, list[str]] = {}
-    for name in state[all_refs[0]]:
-        groups.setdefault(blocks.block_of(name) if blocks else None, []).append(name)
+    blocks = LayerBlocks.split(_layer_count(state[plan.models[0].ref]), n_blocks) if n_blocks > 1 else None
+
+    def candidate(weights: dict[str, float]) -> dict[str, Any]:
+        """Each searched model's ``weight`` setting: a number, or with layer
+        blocks mergekit's filter list (the rule the written merge uses too)."""
+        if blocks is None:
+            return dict(weights)
+        return {r: blocks.setting([weights[blocks.label(r, b)] for b in range(n_blocks)]) for r in refs}
 
     def merge_with(weights: dict[str, float]) -> dict[str, Any]:
-        params = dict(shared, weight={r: weights.get(r, 1.0) for r in all_refs}, **{k: dict(v) for k, v in per.items()})
-        if base is not None:
-            params["weight"].pop(base, None)
-            for k in per:
-                params[k].pop(base, None)
-        if blocks is None:
-            return merge_state_dicts(state, method, parameters=params, base=base, dtype=torch.float32)
-        merged: dict[str, Any] = {}
-        for g, names in groups.items():
-            ws = dict(params["weight"])
-            for r in refs:
-                vals = [weights[blocks.label(r, b)] for b in range(n_blocks)]
-                ws[r] = vals[g] if g is not None else sum(vals) / n_blocks
-            sub = {r: {k: sd[k] for k in names} for r, sd in state.items()}
-            merged.update(merge_state_dicts(sub, method, parameters=dict(params, weight=ws), base=base, dtype=torch.float32))
-        return merged
+        return merge_state_dicts(_with_weights(plan, candidate(weights)), state)
 
     keys = [blocks.label(r, b) for r in refs for b in range(n_blocks)] if blocks else refs
 
@@ -268,7 +229,8 @@ def run_search(plan: MergePlan, *, workdir: Path, quiet: bool, seed: int | None)
             sys.stderr.write(f"search point {len(table)}: weights {[round(float(w), 3) for w in ws]} {shown}\n")
         return loss
 
-    normalised = bool(shared.get("normalize", plan.method.param("normalize").default if plan.method.param("normalize") else False))
+    normalize = plan.parameters.get("normalize", plan.method.param("normalize").default if plan.method.param("normalize") else False)
+    normalised = normalize is True or (isinstance(normalize, (int, float, str)) and str(normalize).lower() in ("1", "1.0", "true"))
     kind = s["method"]
     if kind == "grid":
         _grid(score, len(refs), float(s.get("step", 0.25)), normalised, int(s.get("budget", 64)))
@@ -277,11 +239,7 @@ def run_search(plan: MergePlan, *, workdir: Path, quiet: bool, seed: int | None)
     else:
         _cmaes(score, len(keys), int(s.get("budget", 24)), float(s.get("sigma", 0.3)), seed, start=1.0 / len(refs))
     best = min(table, key=lambda r: -r["accuracy"] if bench else r["perplexity"])
-    if blocks is None:
-        chosen: dict[str, Any] = best["weights"]
-    else:
-        chosen = {r: blocks.setting([best["weights"][blocks.label(r, b)] for b in range(n_blocks)]) for r in refs}
-    return SearchOutcome(_with_weights(plan, chosen), table, best)
+    return SearchOutcome(_with_weights(plan, candidate(best["weights"]), final=True), table, best)
 
 
 def _grid(score: Any, n: int, step: float, simplex: bool, budget: int) -> None:
@@ -351,16 +309,19 @@ def _cmaes_population(n: int) -> int:
     return 4 + int(3 * math.log(n))
 
 
-def _with_weights(plan: MergePlan, weights: dict[str, Any]) -> MergePlan:
-    new = copy.copy(plan)
-    new.raw, new.resolved = copy.deepcopy(plan.raw), copy.deepcopy(plan.resolved)
-    for m_raw, m_res in zip(new.raw["models"], new.resolved["models"]):
-        r = str(m_raw["model"])
-        if r in weights:
-            for m in (m_raw, m_res):
-                m["parameters"] = dict(m.get("parameters") or {}, weight=weights[r])
-    new.search = None
-    text = yaml.safe_dump(new.raw, sort_keys=False)
+def _with_weights(plan: MergePlan, weights: dict[str, Any], final: bool = False) -> MergePlan:
+    """``plan`` with the ``weight`` of each model in ``weights`` set (a number
+    or a filter list), its source text rewritten when ``final``."""
+    from merging.config import ModelEntry
+    from merging.settings import parse
+
+    models = tuple(
+        ModelEntry(m.ref, {**m.parameters, "weight": parse(weights[m.ref], f"{m.ref}.weight")}) if m.ref in weights else m
+        for m in plan.models
+    )
+    if not final:
+        return plan.with_models(models, plan.source_text)
+    new = plan.with_models(models, "")
+    text = yaml.safe_dump(new.to_config(), sort_keys=False)
     what = "per-layer-block" if any(isinstance(w, list) for w in weights.values()) else "per-model"
-    new.source_text = f"# {what} weights chosen by collab merge --search\n" + text
-    return new
+    return plan.with_models(models, f"# {what} weights chosen by collab merge --search\n" + text)

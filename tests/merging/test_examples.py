@@ -37,15 +37,17 @@ class _StandIns(InputResolver):
 
 @pytest.mark.parametrize("example", EXAMPLES, ids=lambda p: p.name)
 def test_example_config_validates(example: Path, merge_models: dict[str, Path]) -> None:
+    from merging.engine import check
     from merging.search import check_search
 
     plan = plan_merge(example, lambda _path: _StandIns(merge_models["base"]))
+    check(plan)  # every output tensor lays out, with its parameters resolved
     assert len(plan.model_refs) >= 2
     assert all(ref.startswith("zoo:") for ref in plan.model_refs), plan.model_refs  # shipped models only
     if plan.search is not None:
         check_search(plan)
     # the text files it names ship beside it
-    for rel in ((plan.raw.get("parameters") or {}).get("calibration"), (plan.search or {}).get("eval")):
+    for rel in (plan.parameters.get("calibration"), (plan.search or {}).get("eval")):
         if rel is not None:
             assert (example.parent / rel).is_file(), f"{example.name} names {rel}, which is not in examples/"
 

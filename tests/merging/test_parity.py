@@ -1,5 +1,6 @@
-"""`collab merge` equals mergekit's own CLI (`mergekit-yaml`) for every mergekit
-method, on tiny Llamas, for the same YAML."""
+"""`collab merge` equals mergekit's own CLI (`mergekit-yaml`) bit for bit for
+every mergekit method, on tiny Llamas, for the same YAML, and runs each of
+them on collab's streaming engine (not through mergekit's `run_merge`)."""
 
 from __future__ import annotations
 
@@ -55,7 +56,7 @@ def parity_config(method: str, m: dict[str, Path]) -> dict[str, Any]:
 
 
 def _mergekit_methods() -> list[str]:
-    from merging.methods import mergekit_methods
+    from merging.registry import mergekit_methods
 
     return sorted(mergekit_methods())
 
@@ -75,17 +76,32 @@ def test_every_mergekit_method_has_a_parity_config(merge_models: dict[str, Path]
         parity_config(method, merge_models)  # KeyError names a method without a test
 
 
+def assert_bit_identical(ours: dict[str, Any], theirs: dict[str, Any]) -> None:
+    import torch
+
+    assert sorted(ours) == sorted(theirs), f"tensor names differ: {sorted(set(ours) ^ set(theirs))}"
+    for k, ours_k in ours.items():
+        assert ours_k.dtype == theirs[k].dtype, (k, ours_k.dtype, theirs[k].dtype)
+        assert torch.equal(ours_k, theirs[k]), f"{k}: max abs diff {max_abs_diff({k: ours_k}, {k: theirs[k]})}"
+
+
 @pytest.mark.parametrize("method", _mergekit_methods())
-def test_collab_merge_equals_mergekit_cli(method: str, merge_models: dict[str, Path], tmp_path: Path) -> None:
+def test_collab_merge_equals_mergekit_cli(method: str, merge_models: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import merging.mergekit_run
     from merging import merge
 
     cfg = parity_config(method, merge_models)
     cfg_path = tmp_path / f"{method}.yaml"
     cfg_path.write_text(yaml.safe_dump(cfg, sort_keys=False))
     run_mergekit_cli(cfg_path, tmp_path / "mergekit")
+
+    def no_fallback(*args: Any, **kwargs: Any) -> None:
+        raise AssertionError(f"{method} ran through mergekit's run_merge, not collab's engine")
+
+    monkeypatch.setattr(merging.mergekit_run, "run", no_fallback)
     merge(cfg_path, tmp_path / "collab", seed=SEED, quiet=True)
     ours, theirs = load_weights(tmp_path / "collab"), load_weights(tmp_path / "mergekit")
-    assert max_abs_diff(ours, theirs) <= 1e-6
+    assert_bit_identical(ours, theirs)
     # The merge did something: its output differs from every input except where a method may return one input.
     first_input = load_weights(Path(cfg["models"][0]["model"]) if "models" in cfg else merge_models["ft1"])
     if method not in ("passthrough", "nearswap"):

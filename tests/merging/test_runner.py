@@ -97,6 +97,13 @@ def test_existing_output_is_kept_unless_overwrite(merge_models: dict[str, Path],
         (lambda c, m: c["models"][1].pop("parameters"), r"models\[1\] .*'weight' is required"),
         (lambda c, m: c["models"][1].update(model=str(m["base"]) + "-missing"), "not found"),
         (lambda c, m: c["models"][1].update(model="org/some-hub-model"), "Hub ids are not downloaded"),
+        (lambda c, m: c["models"][0]["parameters"].update(weight="abc"), r"models\[0\]\.parameters\.weight: expected float, found 'abc'"),
+        (lambda c, m: c["models"][0].update(paramters={}), r"models\[0\]: unknown key 'paramters'; expected one of model, parameters"),
+        (
+            lambda c, m: c.update(merge_method="slerp", base_model=str(m["ft1"]), parameters={"t": 0.5},
+                                  models=[{"model": str(m[k])} for k in ("ft1", "ft2", "ft3")]),
+            "method 'slerp' takes at most 2 models, found 3",
+        ),
     ],
 )
 def test_bad_config_errors(merge_models: dict[str, Path], tmp_path: Path, edit: Any, message: str) -> None:
@@ -249,7 +256,8 @@ def test_quiet_merge_draws_no_progress_bars(merge_models: dict[str, Path], tmp_p
     cfg = {"models": [{"model": str(tmp_path / "adapter"), "parameters": {"weight": 1.0}},
                       {"model": str(merge_models["ft1"]), "parameters": {"weight": 1.0}}], "merge_method": "linear", "dtype": "float32"}
     path = _write(tmp_path, cfg)
-    env = {k: v for k, v in os.environ.items() if k != "HF_HUB_DISABLE_PROGRESS_BARS"}  # set by earlier quiet merges in this process
+    # set by earlier quiet merges in this process (collab.io.silence_library_progress)
+    env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_DISABLE_PROGRESS_BARS", "TQDM_DISABLE")}
     env["HF_HUB_OFFLINE"] = "1"
     bars = ("Loading weights", "Writing model shards", "merging tensors", "it/s", "\u2501")
     cli = [sys.executable, "-m", "collab.cli", "merge", str(path)]

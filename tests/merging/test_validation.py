@@ -40,17 +40,20 @@ def _config(method: str, first: Path, second: Path) -> dict[str, Any]:
         models[0].pop("parameters")
         if method != "task_arithmetic":
             models[1]["parameters"]["density"] = 0.5
-    if method == "linear_mergekit":  # a weight gradient sends linear through mergekit's run_merge
+    if method == "linear_gradient":
         cfg["merge_method"] = "linear"
         models[0]["parameters"]["weight"] = [0.2, 0.8]
+    if method == "linear_run_merge":  # a tokenizer rule sends the merge through mergekit's run_merge
+        cfg["merge_method"] = "linear"
+        cfg["tokenizer_source"] = "base"
     if method == "regmean":
         cfg["parameters"] = {"calibration": "unused.txt"}  # the check fails before calibration is read
     return cfg
 
 
-# lean loop (linear, task_arithmetic, ties_fast), mergekit's run_merge (ties, gradient linear)
-# and collab's data-aware engine (regmean, weight_matching)
-METHODS = ["linear", "task_arithmetic", "ties_fast", "ties", "linear_mergekit", "regmean", "weight_matching"]
+# the engine with collab's kernels (task_arithmetic, ties_fast), mergekit's (linear, ties, a
+# gradient), data-aware methods (regmean, weight_matching), and mergekit's run_merge (a tokenizer rule)
+METHODS = ["linear", "task_arithmetic", "ties_fast", "ties", "linear_gradient", "linear_run_merge", "regmean", "weight_matching"]
 
 
 @pytest.mark.parametrize("dry_run", [False, True], ids=["merge", "dry-run"])
@@ -122,7 +125,42 @@ def test_unknown_method_names_the_file(layered: dict[str, Path], tmp_path: Path)
 @pytest.mark.parametrize("method", ["linear", "weight_matching"])
 def test_bad_dtype_names_file_key_and_value(key: str, method: str, layered: dict[str, Path], tmp_path: Path) -> None:
     path = _write(tmp_path, {**_config(method, layered["two"], layered["two"]), key: "float23"})
-    with pytest.raises(MergeError, match=rf"^{path}: {key}: expected one of float32, bfloat16, float16, float64, found 'float23'$"):
+    with pytest.raises(MergeError, match=rf"^{path}: {key}: expected one of float32, bfloat16, float16, float64, int64 \(optionally prefixed 'torch\.'\), found 'float23'$"):
         merge(path, tmp_path / "out", quiet=True)
     assert not (tmp_path / "out").exists()
 
+
+
+@pytest.mark.parametrize("value", ["float32", "torch.float32", "bfloat16", "torch.bfloat16", "float16", "torch.float64", "int64", ""])
+def test_dtypes_mergekit_reads_are_accepted(value: str, merge_models: dict[str, Path], tmp_path: Path) -> None:
+    """Exactly the names mergekit's ``dtype_from_name`` reads (optionally
+    prefixed ``torch.``; empty means unset) pass, normalised without the prefix."""
+    from mergekit.common import dtype_from_name
+
+    from merging.config import plan_merge
+    from merging.inputs import InputResolver
+
+    path = _write(tmp_path, {**_config("linear", merge_models["ft1"], merge_models["ft2"]), "dtype": value, "out_dtype": value})
+    dtype_from_name(value)  # mergekit reads it
+    merge(path, None, dry_run=True, quiet=True)
+    plan = plan_merge(path, lambda _p: InputResolver(tmp_path, search_dirs=[tmp_path]))
+    assert plan.dtype == plan.out_dtype == (value.removeprefix("torch.") or None)
+
+
+@pytest.mark.parametrize("value", ["TORCH.float32", "float8", "torch.int32", 32])
+def test_dtypes_mergekit_rejects_are_rejected(value: Any, layered: dict[str, Path], tmp_path: Path) -> None:
+    from mergekit.common import dtype_from_name
+
+    path = _write(tmp_path, {**_config("linear", layered["two"], layered["two"]), "dtype": value})
+    with pytest.raises((RuntimeError, AttributeError)):
+        dtype_from_name(value)
+    with pytest.raises(MergeError, match=rf"^{path}: dtype: expected one of .*, found {value!r}$"):
+        merge(path, None, dry_run=True, quiet=True)
+
+
+def test_a_model_listed_twice_is_named(merge_models: dict[str, Path], tmp_path: Path) -> None:
+    """mergekit merges each model once per tensor (it refuses duplicates); the
+    error names the model and where it is listed."""
+    path = _write(tmp_path, _config("linear", merge_models["ft1"], merge_models["ft1"]))
+    with pytest.raises(MergeError, match=rf"^{path}: models: '{merge_models['ft1']}' is listed twice"):
+        merge(path, None, dry_run=True, quiet=True)
