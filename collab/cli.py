@@ -125,9 +125,28 @@ def zoo_build(
         typer.echo(f"{info['name']}: {path} ({info['seconds']} s, final loss {info['final_loss']:.4f})")
 
 
+@app.command()
+def serve(
+    spec: Annotated[str, typer.Argument(help="A spec .yaml (each expert and system becomes a model) or one model reference (zoo:NAME, .gguf, a directory).")],
+    host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(min=0, max=65535, help="Port to listen on.")] = 8000,
+    api_key: Annotated[Optional[str], typer.Option("--api-key", envvar="COLLAB_API_KEY", help="Require 'Authorization: Bearer KEY' on /v1 (default: $COLLAB_API_KEY; none: open).")] = None,
+    max_batch: Annotated[int, typer.Option(min=1, help="Most requests to one local expert decoded together.")] = 8,
+    max_wait_ms: Annotated[float, typer.Option(min=0, help="How long a request waits for others to share its batch.")] = 10.0,
+    max_queue: Annotated[int, typer.Option(min=1, help="Most requests waiting per local expert (then 429).")] = 64,
+    log_level: Annotated[str, typer.Option(help="debug, info, warning or error.")] = "info",
+) -> None:
+    """Serve every expert and system of a spec as an OpenAI-compatible API (see docs/serve.md)."""
+    from collab.server import ServeOptions
+    from collab.server import serve as run_server
+
+    options = ServeOptions(max_batch=max_batch, max_wait_ms=max_wait_ms, max_queue=max_queue, api_key=api_key or None)
+    run_server(spec, host=host, port=port, options=options, log_level=log_level)
+
+
 #: Modules that add commands to ``app``, each through ``register(app)``. They
 #: import only typer at module level so that ``collab --help`` stays fast.
-COMMAND_MODULES = ("evals.cli", "routers.cli", "merging.cli")
+COMMAND_MODULES = ("evals.cli", "routers.cli", "merging.cli", "decoding.cli")
 
 
 def _register_commands() -> None:
