@@ -286,27 +286,9 @@ class LMEncoder:
 
 def check_device(device: str) -> str:
     """A torch device string that this machine has; 'auto' picks CUDA when present, else the CPU."""
-    d = str(device or "cpu").strip()
-    if d == "cpu":
-        return d  # without importing torch: a router served from the embedding cache never needs it
-    import torch
+    from collab.devices import check_device as check
 
-    if d == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        dev = torch.device(d)
-    except RuntimeError as e:
-        raise CollabError(f"encoder: device: expected 'cpu', 'cuda', 'cuda:N', 'mps' or 'auto', found {device!r}") from e
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise CollabError(f"encoder: device {d!r}: this torch build sees no CUDA device (use 'cpu' or 'auto')")
-        if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise CollabError(f"encoder: device {d!r}: only {torch.cuda.device_count()} CUDA device(s) here")
-    elif dev.type == "mps" and not torch.backends.mps.is_available():
-        raise CollabError(f"encoder: device {d!r}: MPS is not available here")
-    elif dev.type not in ("cpu", "cuda", "mps"):
-        raise CollabError(f"encoder: device: expected 'cpu', 'cuda', 'cuda:N', 'mps' or 'auto', found {device!r}")
-    return d
+    return check(device, "encoder: device")
 
 
 class TfidfEncoder:
