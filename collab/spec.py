@@ -24,7 +24,8 @@ from typing import Any, Callable, Protocol
 
 from collab.errors import SpecError
 
-_EXPERT_KEYS = {"ref", "url", "model", "api_key", "dtype", "device", "prompt_format", "allow_pickle", "timeout", "fallback", "batch_size"}
+_REMOTE_OPTIONS = ("timeout", "retries", "backoff", "breaker_failures", "breaker_cooldown")
+_EXPERT_KEYS = {"ref", "url", "model", "api_key", "dtype", "device", "prompt_format", "allow_pickle", "fallback", "batch_size", *_REMOTE_OPTIONS}
 
 
 class SystemType(Protocol):
@@ -195,6 +196,10 @@ class Spec:
                 raise self.error(f"{kp}.model", "missing; a remote expert needs the model name the endpoint serves")
             if not str(cfg["url"]).startswith(("http://", "https://")):
                 raise self.error(f"{kp}.url", f"expected an http(s) URL, found {cfg['url']!r}")
+            for key in _REMOTE_OPTIONS:
+                value = cfg.get(key)
+                if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0):
+                    raise self.error(f"{kp}.{key}", f"expected a number >= 0, found {value!r}")
             api_key = cfg.get("api_key")
             if isinstance(api_key, str) and api_key.startswith("$"):
                 api_key = os.environ.get(api_key[1:])
@@ -227,7 +232,7 @@ class Spec:
             if es.remote:
                 from collab.remote import FallbackSystem, RemoteExpert
 
-                opts = {k: es.options[k] for k in ("timeout",) if k in es.options}
+                opts = {k: es.options[k] for k in _REMOTE_OPTIONS if k in es.options}
                 remote = RemoteExpert(es.url, es.model, api_key=es.api_key, name=name, **opts)
                 fallback = es.options.get("fallback")
                 self._built[name] = FallbackSystem(remote, self.system(fallback)) if fallback else remote

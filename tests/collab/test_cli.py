@@ -26,7 +26,7 @@ def test_help_is_fast_and_imports_no_torch() -> None:
     cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip().endswith("False")
-    for command in ("generate", "zoo", "eval", "route", "merge"):
+    for command in ("generate", "zoo", "eval", "route", "merge", "serve", "decode"):
         assert command in out.stdout
     # CPU time, not wall time, so that a busy machine does not fail the test; about 0.4 s here
     assert cpu < 1.0

@@ -275,3 +275,12 @@ def test_the_circuit_opens_after_repeated_failures_then_tries_again(faulty: tupl
     finally:
         f.healthy = False
     assert c.text == "fine" and "fallback_from" not in c.trace and far.breaker.state == "closed"
+
+
+def test_spec_passes_retry_and_breaker_settings(tmp_path: Path) -> None:
+    from collab.spec import load_spec
+
+    p = tmp_path / "s.yaml"
+    p.write_text("experts:\n  far: {url: 'http://127.0.0.1:9/v1', model: m, retries: 0, backoff: 0.5, breaker_failures: 5, breaker_cooldown: 2}\n")
+    far = load_spec(p).system("far")
+    assert (far.retries, far.backoff, far.breaker.failures, far.breaker.cooldown) == (0, 0.5, 5, 2)

@@ -63,6 +63,7 @@ def test_relative_paths_resolve_against_spec_file(tmp_path: Path, tiny_model_dir
         ("experts:\n  a: {ref: zoo:gemma3-270m, batch_size: 0}", r"experts.a.batch_size: expected an integer >= 1, found 0"),
         ("experts:\n  a: {ref: zoo:gemma3-270m, allow_pickle: 'yes'}", r"experts.a.allow_pickle: expected true or false"),
         ("systems:\n  s: {type: expert, ref: zoo:gemma3-270m, dtype: half}", r"systems.s.dtype: expected one of auto"),
+        ("experts:\n  a: {url: 'http://x/v1', model: m, retries: -1}", r"experts.a.retries: expected a number >= 0, found -1"),
         ("flavour: 1", r"flavour: unknown top-level key"),
         ("{}", r"defines no experts and no systems"),
         ("experts: {a: [unclosed", r"not valid YAML at line 1"),
