@@ -113,9 +113,14 @@ def train_and_tune(work: Path, names: list[str], skills_: list[str], args: argpa
     tune_cmd = f"collab decode tune --head {head} --data {dev} --limit {args.dev} --out {tune_dir}"
     if not (tune_dir / "curve.json").is_file():
         log(f"tune: {tune_cmd}")
-        tune_head(head, dev, tune_dir, limit=args.dev)
+        tune_head(head, dev, tune_dir, limit=args.dev, rates=[float(r) for r in args.rates.split(",")],
+                  progress=lambda done, total: log(f"  tune: {done}/{total} thresholds done"))
     curve = json.loads((tune_dir / "curve.json").read_text())
-    return head, {"train_command": cmd, "tune_command": tune_cmd, "curve": curve, "head_config": json.loads((head / "config.json").read_text())}
+    from decoding.tune import CurvePoint, choose
+
+    best, cheapest = choose([CurvePoint(**p) for p in curve["points"]])
+    picks = {"best": best.threshold, "cheapest": cheapest.threshold}
+    return head, {"train_command": cmd, "tune_command": tune_cmd, "curve": curve, "picks": picks, "head_config": json.loads((head / "config.json").read_text())}
 
 
 def deferral_analysis(records: list[dict[str, Any]], base_name: str) -> dict[str, Any]:
@@ -167,12 +172,12 @@ def part_one(args: argparse.Namespace) -> dict[str, Any]:
     name = args.assistant
     work = Path(args.work) / f"one-{name}"
     head, info = train_and_tune(work, [name], [name], args)
-    eta = info["curve"]["best"]["threshold"]
     ensure_type()
-    spec = load_spec(spec_for(work, [name], head, eta))
+    spec = load_spec(spec_for(work, [name], head, info["picks"]["best"]))
     duo = spec.system("duo")
-    never = CoLLMDecoder.load(head, spec.system("smol"), [spec.system(name)], 1.0, name="duo-eta1")  # the (LoRA-adapted) base alone
-    systems = {"smol": spec.system("smol"), name: spec.system(name), "duo": duo, "duo-eta1": never}
+    cheap = CoLLMDecoder(duo.base, duo.assistants, duo.head, info["picks"]["cheapest"], name="duo-cheapest")
+    never = CoLLMDecoder(duo.base, duo.assistants, duo.head, 1.0, name="duo-eta1")  # the (LoRA-adapted) base alone
+    systems = {"smol": spec.system("smol"), name: spec.system(name), "duo": duo, "duo-cheapest": cheap, "duo-eta1": never}
     info["results"] = evaluate_systems(spec.path, systems, f"skill:{name}", args.test, work / "runs")
     info["eval_command"] = f"collab eval {work / 'spec.yaml'} --system duo --bench skill:{name} --limit {args.test}"
     return info
@@ -184,10 +189,14 @@ def part_zoo(args: argparse.Namespace) -> dict[str, Any]:
     names = list(ASSISTANTS)
     work = Path(args.work) / "zoo"
     head, info = train_and_tune(work, names, names, args)
-    eta = info["curve"]["best"]["threshold"]
+    from decoding.system import CoLLMDecoder
+
     ensure_type()
-    spec = load_spec(spec_for(work, names, head, eta))
-    systems: dict[str, Any] = {"smol": spec.system("smol"), **{n: spec.system(n) for n in names}, "duo": spec.system("duo")}
+    spec = load_spec(spec_for(work, names, head, info["picks"]["best"]))
+    duo = spec.system("duo")
+    systems: dict[str, Any] = {"smol": spec.system("smol"), **{n: spec.system(n) for n in names}, "duo": duo}
+    if info["picks"]["cheapest"] != info["picks"]["best"]:
+        systems["duo-cheapest"] = CoLLMDecoder(duo.base, duo.assistants, duo.head, info["picks"]["cheapest"], name="duo-cheapest")
     if not args.no_routed:
         systems["auto"] = load_spec(ROOT / "examples" / "zoo.yaml").system("auto")
     info["results"] = evaluate_systems(spec.path, systems, "skill:mixed", args.test, work / "runs")
@@ -195,8 +204,22 @@ def part_zoo(args: argparse.Namespace) -> dict[str, Any]:
     return info
 
 
+class _NoEos:
+    """A harness device, as ``ignore_eos`` in serving benchmarks: the end-of-sequence
+    tokens are masked so every arm writes exactly --tokens tokens."""
+
+    def __init__(self, pick: Any, eos: list[int]) -> None:
+        self.pick, self.eos = pick, eos
+
+    def __call__(self, logits: Any, loop: Any) -> Any:
+        masked = logits.clone()
+        masked[:, self.eos] = -float("inf")
+        return self.pick(masked, loop) if self.pick is not None else masked.argmax(dim=-1)
+
+
 def part_cost(args: argparse.Namespace) -> dict[str, Any]:
     """Tokens/s at --tokens new tokens: co-decoder vs base alone vs the naive co-decoder."""
+    from collab import decode
     from collab.experts import Expert
     from collab.system import GenerationRequest
     from decoding.reference import NaiveDeferralRule
@@ -211,17 +234,28 @@ def part_cost(args: argparse.Namespace) -> dict[str, Any]:
     prompts = [
         "Write a long story about a lighthouse keeper who finds a message in a bottle.",
         "Explain in detail how a bicycle works, part by part.",
-        "Describe a day at a busy city market, with many details.",
+        "What is 37 * 8? Then describe, step by step, how you would check the result.",
     ]
     reqs = [GenerationRequest.chat(p, max_tokens=args.tokens) for p in prompts]
     d = CoLLMDecoder.load(head, base, [asst], 1.0)
-    g = [t["g"] for r in reqs for t in d.generate(r).trace["tokens"]]
+    driver = d.base  # the base the co-decoder drives (with its LoRA merged, if trained with one)
+    eos = list(driver.eos_token_ids)
+
+    def co_decode(decoder: CoLLMDecoder, rule_type: type, req: GenerationRequest) -> Any:
+        rule = rule_type(decoder, [req])
+        rule.pick = _NoEos(rule.pick, eos)
+        return decode.generate(driver, req, rule, trace=decoder.trace_for)
+
+    from decoding.system import DeferralRule
+
+    g = [t["g"] for r in reqs for t in co_decode(d, DeferralRule, r).trace["tokens"]]
     eta = thresholds_for_rates(g, [args.rate])[0]
     d.threshold = eta
-    naive = CoLLMDecoder(d.base, [asst], d.head, eta)
-    naive.rule_type = NaiveDeferralRule
-    driver = d.base  # the base the co-decoder drives (with its LoRA merged, if trained with one)
-    arms = {"base alone": driver.generate, "co-decoder": d.generate, "naive co-decoder": naive.generate}
+    arms = {
+        "base alone": lambda req: decode.generate(driver, req, _NoEos(None, eos)),
+        "co-decoder": lambda req: co_decode(d, DeferralRule, req),
+        "naive co-decoder": lambda req: co_decode(d, NaiveDeferralRule, req),
+    }
     times: dict[str, list[float]] = {k: [] for k in arms}
     tokens: dict[str, list[int]] = {k: [] for k in arms}
     rates: list[float] = []
@@ -240,15 +274,13 @@ def part_cost(args: argparse.Namespace) -> dict[str, Any]:
             texts_equal.append(got["co-decoder"].text == got["naive co-decoder"].text)
         log(f"cost round {rnd + 1}/{args.rounds}: " + ", ".join(f"{k} {sum(tokens[k]) / sum(times[k]):.2f} tok/s" for k in arms))
     tps = {k: sum(tokens[k]) / sum(times[k]) for k in arms}
-    per_req = {k: [n / t for n, t in zip(tokens[k], times[k])] for k in arms}
     return {
         "threshold": eta,
         "target_rate": args.rate,
         "deferral_rate_mean": round(statistics.mean(rates), 4),
-        "deferral_rate_max": round(max(rates), 4),
+        "deferral_rate_per_prompt": [round(r, 4) for r in rates[: len(reqs)]],
         "tokens_per_s": {k: round(v, 3) for k, v in tps.items()},
-        "median_tokens_per_s": {k: round(statistics.median(v), 3) for k, v in per_req.items()},
-        "mean_completion_tokens": {k: round(statistics.mean(v), 1) for k, v in tokens.items()},
+        "completion_tokens": {k: sorted(set(v)) for k, v in tokens.items()},
         "co_decoder_vs_base": round(tps["co-decoder"] / tps["base alone"], 3),
         "speedup_vs_naive": round(tps["co-decoder"] / tps["naive co-decoder"], 3),
         "naive_same_text": all(texts_equal),
@@ -270,6 +302,7 @@ def main() -> int:
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--lora-lr", type=float, default=5e-4)
     ap.add_argument("--dev", type=int, default=60, help="dev questions for tuning eta")
+    ap.add_argument("--rates", default="0,0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9,1", help="target deferral rates for tuning")
     ap.add_argument("--test", type=int, default=100, help="first N questions of the test benchmark")
     ap.add_argument("--no-routed", action="store_true", help="zoo: skip the routed system")
     ap.add_argument("--tokens", type=int, default=256)

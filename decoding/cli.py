@@ -95,6 +95,7 @@ def tune(
     assistant: Annotated[Optional[list[str]], typer.Option("--assistant", help="Assistant(s) REF[,REF...] (default: those the head was trained with).")] = None,
     limit: Annotated[Optional[int], typer.Option("--limit", min=1, help="Use the first N validation examples (dev splits: draw N).")] = None,
     rates: Annotated[str, typer.Option("--rates", help="Target deferral rates, comma-separated.")] = "0,0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9,1",
+    pick: Annotated[str, typer.Option("--pick", help="'best': the highest accuracy; 'cheapest': the lowest deferral rate within the best's 95% interval.")] = "best",
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
 ) -> None:
     """Pick the threshold eta on validation data: accuracy at quantiles of the deferral rate (curve as PNG + JSON)."""
@@ -105,13 +106,15 @@ def tune(
     except ValueError as e:
         raise typer.BadParameter(f"expected comma-separated numbers, found {rates!r}", param_hint="--rates") from e
     with _tune_bar(quiet) as report:
-        result, json_path, png_path = tune_head(head, data, out, base=base, assistants=_refs(assistant or []) or None, limit=limit, rates=shares, progress=report)
+        result, json_path, png_path = tune_head(head, data, out, base=base, assistants=_refs(assistant or []) or None, limit=limit, rates=shares, pick=pick, progress=report)
     typer.echo(f"{'rate':>6} {'threshold':>9} {'deferred':>8} {'accuracy':>8}  95% interval")
     for p in result.points:
         typer.echo(f"{p.target_rate:6.2f} {p.threshold:9.4f} {p.deferral_rate:8.1%} {p.accuracy:8.3f}  [{p.ci_low:.3f}, {p.ci_high:.3f}]")
-    b = result.best
-    typer.echo(f"best: threshold {b.threshold:.4g} (accuracy {b.accuracy:.3f}, deferral rate {b.deferral_rate:.1%}) -> {json_path}, {png_path}")
-    typer.echo(f"in a spec: {{type: codecode, ..., head: {head}, threshold: {b.threshold:.4g}}}")
+    for label, p in (("best", result.best), ("cheapest", result.cheapest)):
+        mark = " <- chosen" if label == result.pick else ""
+        typer.echo(f"{label}: threshold {p.threshold:.4g} (accuracy {p.accuracy:.3f}, deferral rate {p.deferral_rate:.1%}){mark}")
+    typer.echo(f"curve: {json_path}, {png_path}")
+    typer.echo(f"in a spec: {{type: codecode, ..., head: {head}, threshold: {result.chosen.threshold:.4g}}}")
 
 
 @contextlib.contextmanager

@@ -7,7 +7,10 @@
    the quantile of g above which a share r of those tokens lies.
 3. The co-decoder answers the validation set at each threshold; the answers are
    scored, and the actual deferral rate and each expert's token share recorded.
-4. The best threshold has the highest accuracy; ties go to the lower deferral rate.
+4. The chosen threshold (``pick``): ``best``, the highest accuracy (ties go to
+   the lower deferral rate); or ``cheapest``, the lowest deferral rate whose
+   accuracy lies within the best point's 95% bootstrap interval, i.e. the
+   cheapest threshold the validation set cannot tell from the best.
 
 Validation data: a registered generation benchmark (``--bench skill:mixed-dev``)
 or the dev split of a zoo skill (``dev:arith``, ``dev:lists``, ``dev:units``,
@@ -28,6 +31,7 @@ if TYPE_CHECKING:
     from decoding.system import CoLLMDecoder
 
 DEFAULT_RATES = tuple(round(0.1 * i, 1) for i in range(11))
+PICKS = ("best", "cheapest")
 
 
 @dataclass
@@ -82,10 +86,16 @@ class TuneResult:
     examples: int
     points: list[CurvePoint]
     best: CurvePoint
+    cheapest: CurvePoint
+    pick: str
     g_quantiles: dict[str, float]
 
+    @property
+    def chosen(self) -> CurvePoint:
+        return self.best if self.pick == "best" else self.cheapest
+
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        return {**asdict(self), "chosen": asdict(self.chosen)}
 
 
 def thresholds_for_rates(g: Sequence[float], rates: Sequence[float]) -> list[float]:
@@ -126,18 +136,30 @@ def _run(decoder: "CoLLMDecoder", items: Sequence[ValidationItem], threshold: fl
     return point, g
 
 
+def choose(curve: Sequence[CurvePoint]) -> tuple[CurvePoint, CurvePoint]:
+    """(best, cheapest): the highest accuracy (ties: the lower deferral rate, then the
+    higher threshold); the lowest deferral rate whose accuracy is at least the best's
+    95% interval's lower end (ties: the higher accuracy)."""
+    best = max(curve, key=lambda p: (p.accuracy, -p.deferral_rate, p.threshold))
+    cheapest = min((p for p in curve if p.accuracy >= best.ci_low), key=lambda p: (p.deferral_rate, -p.accuracy, -p.threshold))
+    return best, cheapest
+
+
 def tune_threshold(
     decoder: "CoLLMDecoder",
     data: "str | Sequence[ValidationItem]",
     *,
     limit: int | None = None,
     rates: Sequence[float] = DEFAULT_RATES,
+    pick: str = "best",
     progress: Callable[[int, int], None] | None = None,
 ) -> TuneResult:
     """Score ``decoder`` on ``data`` at the thresholds that give each deferral ``rates``
     on the base's own answers; return the curve and the best point. ``data`` is a
     name for ``validation_set`` or the items themselves. The decoder's threshold is
-    left at the best one."""
+    left at the one ``pick`` chooses (see the module's docstring)."""
+    if pick not in PICKS:
+        raise CollabError(f"--pick: expected one of {', '.join(PICKS)}, found {pick!r}")
     if any(not 0 <= r <= 1 for r in rates):
         raise CollabError(f"--rates: expected shares from 0 to 1, found {list(rates)!r}")
     items = validation_set(data, limit) if isinstance(data, str) else list(data)[:limit]
@@ -158,11 +180,12 @@ def tune_threshold(
     for r, eta in zip(rates, etas):
         p = CurvePoint(**{**asdict(points[eta]), "target_rate": float(r)})
         curve.append(p)
-    best = max(curve, key=lambda p: (p.accuracy, -p.deferral_rate, -p.threshold))
-    decoder.threshold = best.threshold
+    best, cheapest = choose(curve)
     gs = sorted(g)
     q = {f"p{int(p * 100)}": round(gs[min(len(gs) - 1, int(p * (len(gs) - 1)))], 4) for p in (0.1, 0.25, 0.5, 0.75, 0.9)} if gs else {}
-    return TuneResult(data=data if isinstance(data, str) else "custom", examples=len(items), points=curve, best=best, g_quantiles=q)
+    result = TuneResult(data=data if isinstance(data, str) else "custom", examples=len(items), points=curve, best=best, cheapest=cheapest, pick=pick, g_quantiles=q)
+    decoder.threshold = result.chosen.threshold
+    return result
 
 
 def write_curve(result: TuneResult, out: str | Path, title: str = "Co-LLM: accuracy vs deferral rate") -> tuple[Path, Path]:
@@ -185,7 +208,8 @@ def write_curve(result: TuneResult, out: str | Path, title: str = "Co-LLM: accur
     ax.plot(xs, [p.accuracy for p in pts], marker="o", label="co-decoder")
     for p in pts:
         ax.annotate(f"{p.threshold:.3g}", (p.deferral_rate, p.accuracy), textcoords="offset points", xytext=(0, 6), fontsize=7, ha="center")
-    ax.scatter([result.best.deferral_rate], [result.best.accuracy], marker="*", s=160, color="red", zorder=3, label=f"chosen threshold {result.best.threshold:.3g}")
+    c = result.chosen
+    ax.scatter([c.deferral_rate], [c.accuracy], marker="*", s=160, color="red", zorder=3, label=f"chosen ({result.pick}): threshold {c.threshold:.3g}")
     ax.set_xlabel("deferral rate (share of tokens the assistants write)")
     ax.set_ylabel(f"accuracy on {result.data} (n={result.examples})")
     ax.set_title(title, fontsize=10)
@@ -208,6 +232,7 @@ def tune_head(
     assistants: Sequence[str] | None = None,
     limit: int | None = None,
     rates: Sequence[float] = DEFAULT_RATES,
+    pick: str = "best",
     progress: Callable[[int, int], None] | None = None,
 ) -> tuple[TuneResult, Path, Path]:
     """``collab decode tune``: load the head's experts (the references it was trained
@@ -223,7 +248,7 @@ def tune_head(
     names = [a["name"] for a in hc.assistants]
     base_e = Expert.load(base or hc.base["ref"], name=hc.base["name"])
     decoder = CoLLMDecoder.load(head_dir, base_e, [Expert.load(r, name=n) for r, n in zip(refs, names)])
-    result = tune_threshold(decoder, data, limit=limit, rates=rates, progress=progress)
+    result = tune_threshold(decoder, data, limit=limit, rates=rates, pick=pick, progress=progress)
     title = f"Co-LLM: {hc.base['name']} + {', '.join(names)}"
     json_path, png_path = write_curve(result, out, title)
     return result, json_path, png_path

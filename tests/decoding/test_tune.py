@@ -11,7 +11,15 @@ import pytest
 
 from collab.system import GenerationRequest
 from decoding.system import CoLLMDecoder
-from decoding.tune import ValidationItem, thresholds_for_rates, tune_threshold, validation_set, write_curve
+from decoding.tune import (
+    CurvePoint,
+    ValidationItem,
+    choose,
+    thresholds_for_rates,
+    tune_threshold,
+    validation_set,
+    write_curve,
+)
 from tests.decoding.conftest import random_head, write_head
 
 
@@ -77,6 +85,17 @@ def test_ties_go_to_the_lower_deferral_rate(tiny_expert: Any, assistants: list[A
     assert res.best.deferral_rate == 0.0 and res.best.threshold == 1.0
 
 
+def test_cheapest_is_the_lowest_deferral_rate_within_the_best_interval() -> None:
+    def pt(rate: float, acc: float, lo: float) -> CurvePoint:
+        return CurvePoint(rate, 1 - rate, acc, lo, min(1.0, acc + 0.1), rate, 10)
+
+    curve = [pt(0.0, 0.05, 0.0), pt(0.12, 0.32, 0.2), pt(0.35, 0.33, 0.22), pt(0.76, 0.42, 0.30), pt(1.0, 0.40, 0.28)]
+    best, cheapest = choose(curve)
+    assert best.deferral_rate == 0.76
+    assert cheapest.deferral_rate == 0.12  # 0.32 >= 0.30, the best's lower end; 0.05 is not
+    assert choose([pt(0.2, 0.5, 0.4), pt(0.5, 0.5, 0.4)])[0].deferral_rate == 0.2  # accuracy ties: the lower rate
+
+
 def test_curve_files(tmp_path: Path, tiny_expert: Any, assistants: list[Any]) -> None:
     d = CoLLMDecoder(tiny_expert, assistants[:1], random_head(1, seed=1, scale=0.3), threshold=0.5)
     res = tune_threshold(d, _items(assistants[0], PROMPTS[:3]), rates=[0.0, 0.5, 1.0])
@@ -96,8 +115,10 @@ def test_cli_tunes_a_head(tmp_path: Path, tiny_expert: Any, assistants: list[Any
     app = typer.Typer()
     app.callback()(lambda: None)
     register(app)
-    res = CliRunner().invoke(app, ["decode", "tune", "--head", str(head), "--data", "dev:arith", "--limit", "3", "--rates", "0,0.5,1", "--out", str(tmp_path / "t"), "-q"])
+    res = CliRunner().invoke(app, ["decode", "tune", "--head", str(head), "--data", "dev:arith", "--limit", "3", "--rates", "0,0.5,1", "--pick", "cheapest", "--out", str(tmp_path / "t"), "-q"])
     assert res.exit_code == 0, res.output
-    assert "best: threshold" in res.output and (tmp_path / "t" / "curve.png").is_file()
+    assert "best: threshold" in res.output and "cheapest: threshold" in res.output and (tmp_path / "t" / "curve.png").is_file()
     rows = json.loads((tmp_path / "t" / "curve.json").read_text())["points"]
     assert [r["target_rate"] for r in rows] == [0.0, 0.5, 1.0] and rows[-1]["deferral_rate"] == 1.0
+    saved = json.loads((tmp_path / "t" / "curve.json").read_text())
+    assert saved["pick"] == "cheapest" and saved["chosen"] == saved["cheapest"]
