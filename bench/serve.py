@@ -14,7 +14,7 @@ machine is shared, so only ratios measured side by side mean much):
 Every loop is bounded in count and in time (``--deadline`` seconds per phase);
 the server is stopped at the end, whatever happens.
 
-Usage: python bench/serve.py [--reps 15] [--max-batch 8] [--json out.json]
+Usage: python bench/serve.py [--reps 15] [--max-batch 8] [--no-continuous] [--json out.json]
 """
 
 from __future__ import annotations
@@ -61,11 +61,12 @@ def pct(xs: list[float], q: float) -> float:
 
 
 class Server:
-    def __init__(self, max_batch: int, max_wait_ms: float) -> None:
+    def __init__(self, max_batch: int, max_wait_ms: float, continuous: bool = True) -> None:
         self.port = free_port()
         self.base = f"http://127.0.0.1:{self.port}"
         cmd = [sys.executable, "-m", "collab.cli", "serve", MODEL, "--port", str(self.port), "--max-batch", str(max_batch),
-               "--max-wait-ms", str(max_wait_ms), "--max-queue", "256", "--log-level", "warning"]
+               "--max-wait-ms", str(max_wait_ms), "--max-queue", "256", "--log-level", "warning",
+               "--continuous" if continuous else "--no-continuous"]
         self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
 
     def wait_ready(self, timeout: float = 300) -> None:
@@ -201,6 +202,7 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=15)
     ap.add_argument("--max-batch", type=int, default=8)
     ap.add_argument("--max-wait-ms", type=float, default=10.0)
+    ap.add_argument("--no-continuous", action="store_true", help="static batching: a batch runs until its last row ends")
     ap.add_argument("--deadline", type=float, default=600.0, help="seconds each load phase may take at most")
     ap.add_argument("--json", help="write the results here")
     args = ap.parse_args()
@@ -210,8 +212,8 @@ def main() -> None:
 
     from collab.experts import Expert
 
-    out: dict[str, Any] = {"torch_threads": torch.get_num_threads(), "load_average_before": os.getloadavg()}
-    server = Server(args.max_batch, args.max_wait_ms)
+    out: dict[str, Any] = {"torch_threads": torch.get_num_threads(), "load_average_before": os.getloadavg(), "continuous": not args.no_continuous}
+    server = Server(args.max_batch, args.max_wait_ms, not args.no_continuous)
     try:
         expert = Expert.load(MODEL)
         server.wait_ready()

@@ -134,13 +134,14 @@ def serve(
     max_batch: Annotated[int, typer.Option(min=1, help="Most requests to one local expert decoded together.")] = 8,
     max_wait_ms: Annotated[float, typer.Option(min=0, help="How long a request waits for others to share its batch.")] = 10.0,
     max_queue: Annotated[int, typer.Option(min=1, help="Most requests waiting per local expert (then 429).")] = 64,
+    continuous: Annotated[bool, typer.Option("--continuous/--no-continuous", help="Let waiting requests join a running batch between steps (experts without sliding-window caches).")] = True,
     log_level: Annotated[str, typer.Option(help="debug, info, warning or error.")] = "info",
 ) -> None:
     """Serve every expert and system of a spec as an OpenAI-compatible API (see docs/serve.md)."""
     from collab.server import ServeOptions
     from collab.server import serve as run_server
 
-    options = ServeOptions(max_batch=max_batch, max_wait_ms=max_wait_ms, max_queue=max_queue, api_key=api_key or None)
+    options = ServeOptions(max_batch=max_batch, max_wait_ms=max_wait_ms, max_queue=max_queue, api_key=api_key or None, continuous=continuous)
     run_server(spec, host=host, port=port, options=options, log_level=log_level)
 
 

@@ -19,6 +19,14 @@ it may also have ``start(loop)``, called once after the prompts are
 prefilled, and ``trace(row) -> dict``, merged into that row's completion
 trace. ``loop.last`` holds the tokens chosen at the previous step (None at
 the first), which is what a rule feeds its peers' sessions to catch them up.
+
+A rule may also choose several tokens for a row in one step (a list of ids
+for that row, e.g. the drafted tokens a verifier accepted plus its own next
+one): the loop takes them in order, as if chosen one step each, until the row
+ends. The loop then feeds the driving session every chosen token it has not
+seen yet, in one pass; a rule that sets ``feeds_session = True`` keeps the
+driving session current itself (speculative decoding feeds the last chosen
+token together with the next draft) and the loop does not feed it.
 """
 
 from __future__ import annotations
@@ -129,6 +137,92 @@ class Session:
         self.mask = self.mask[:, :length]
         self.lengths = [n - int(d) for n, d in zip(self.lengths, dropped)]
 
+    def drop(self, counts: Sequence[int]) -> None:
+        """Forget the last ``counts[i]`` tokens of each row i (the drafted tokens a
+        verifier rejected, a different number per row). Their cache columns are masked
+        out, and trailing columns no row uses any more are cropped, so the next tokens
+        take the positions the dropped ones had. The logits are not restored: feed the
+        token that follows before reading them."""
+        if len(counts) != self.batch:
+            raise ValueError(f"Session.drop: expected counts for {self.batch} rows, found {len(counts)}")
+        if not any(counts):
+            return
+        mask = self.mask.clone()
+        for i, n in enumerate(counts):
+            if n < 0 or n > self.lengths[i]:
+                raise ValueError(f"Session.drop: row {i} holds {self.lengths[i]} tokens, cannot drop {n}")
+            if n:
+                cols = mask[i].nonzero().flatten()
+                mask[i, cols[len(cols) - n :]] = 0
+        self.mask = mask
+        self.lengths = [m - int(n) for m, n in zip(self.lengths, counts)]
+        used = mask.any(dim=0).nonzero().flatten()
+        self.crop(int(used[-1]) + 1 if len(used) else 0)  # the cropped columns are all masked: lengths stay
+
+    @property
+    def can_extend(self) -> bool:
+        """Whether rows can join this session (``extend``): every cache layer holds
+        the whole sequence. A sliding-window layer (Gemma-3's local attention) keeps
+        only its window, which rows of other lengths cannot be aligned with."""
+        from transformers.cache_utils import DynamicLayer
+
+        return all(type(layer) is DynamicLayer for layer in self.cache.layers)
+
+    def extend(self, prompts: Sequence[Sequence[int]]) -> None:
+        """Prefill ``prompts`` as new rows after the current ones (continuous batching):
+        their KV caches are computed in a pass of their own, then both sets of rows are
+        left-padded to one width and joined; no row is recomputed. The new rows'
+        next-token logits (and hidden states) follow the old rows'."""
+        import torch
+
+        if not self.can_extend:
+            raise ValueError(f"Session.extend: expert '{self.expert.name}' keeps a sliding-window cache; rows cannot join a running batch")
+        new = Session(self.expert, prompts, hidden_states=self.hidden_states, grad=self.grad)
+        width = max(self.mask.shape[1], new.mask.shape[1])
+
+        def left_pad(x: "torch.Tensor", dim: int) -> "torch.Tensor":
+            missing = width - x.shape[dim]
+            if not missing:
+                return x
+            shape = list(x.shape)
+            shape[dim] = missing
+            return torch.cat([x.new_zeros(shape), x], dim=dim)
+
+        for mine, theirs in zip(self.cache.layers, new.cache.layers):
+            mine.keys = torch.cat([left_pad(mine.keys, -2), left_pad(theirs.keys, -2)], dim=0)
+            mine.values = torch.cat([left_pad(mine.values, -2), left_pad(theirs.values, -2)], dim=0)
+        self.mask = torch.cat([left_pad(self.mask, 1), left_pad(new.mask, 1)], dim=0)
+        self.lengths = self.lengths + new.lengths
+        self.batch += new.batch
+        self.logits = torch.cat([self.logits, new.logits], dim=0)
+        if self.hidden is not None and new.hidden is not None:
+            self.hidden = tuple(torch.cat([a, b], dim=0) for a, b in zip(self.hidden, new.hidden))
+        self.chunk_logits = None
+
+    def keep(self, rows: Sequence[int]) -> None:
+        """Keep only ``rows`` (in that order), e.g. to drop finished requests from a
+        running batch; cache columns no kept row uses any more are freed."""
+        import torch
+
+        if any(not 0 <= i < self.batch for i in rows):
+            raise ValueError(f"Session.keep: rows {list(rows)} out of range for a batch of {self.batch}")
+        index = torch.tensor(list(rows), dtype=torch.long, device=self.device)
+        for layer in self.cache.layers:
+            layer.batch_select_indices(index)
+        self.mask = self.mask[index]
+        self.lengths = [self.lengths[i] for i in rows]
+        self.batch = len(rows)
+        self.logits = self.logits[index]
+        if self.hidden is not None:
+            self.hidden = tuple(h[index] for h in self.hidden)
+        self.chunk_logits = None
+        used = self.mask.any(dim=0).nonzero().flatten()
+        start = int(used[0]) if len(used) else self.mask.shape[1]
+        if start and self.can_extend:  # columns every kept row masks out, at the left: free them
+            for layer in self.cache.layers:
+                layer.keys, layer.values = layer.keys[..., start:, :], layer.values[..., start:, :]
+            self.mask = self.mask[:, start:]
+
 
 def _as_rows(tokens: Any, batch: int) -> list[list[int]]:
     if hasattr(tokens, "tolist"):
@@ -147,9 +241,11 @@ def first_stop(text: str, stops: Sequence[str]) -> int | None:
 
 # ---------------------------------------------------------------------- rules
 class Rule(Protocol):
-    """Chooses the next token of every row from the driving expert's logits (B, V)."""
+    """Chooses the next token of every row from the driving expert's logits (B, V):
+    one id per row, or for some rows a list of ids taken in order (see the module's
+    docstring for ``feeds_session``)."""
 
-    def __call__(self, logits: "torch.Tensor", loop: "Loop") -> "torch.Tensor | Sequence[int]": ...
+    def __call__(self, logits: "torch.Tensor", loop: "Loop") -> "torch.Tensor | Sequence[int] | Sequence[Sequence[int]]": ...
 
 
 def greedy(logits: "torch.Tensor", loop: "Loop") -> "torch.Tensor":
@@ -171,24 +267,49 @@ class Sampler:
         self.seed = seed
         self.generator: Any = None
 
-    def sample(self, logits: "torch.Tensor") -> int:
-        """One token from a (V,) row of logits."""
+    def probs(self, logits: "torch.Tensor") -> "torch.Tensor":
+        """The distribution tokens are sampled from: (..., V) logits warped by
+        temperature and top-p, softmaxed, row by row."""
+        import torch
+
+        scores = logits.reshape(-1, logits.shape[-1])
+        for w in self.warpers:
+            scores = w(None, scores)
+        return torch.softmax(scores, dim=-1).reshape(logits.shape)
+
+    def rng(self, device: "torch.device") -> Any:
+        """The row's generator (seeded on first use), or None when unseeded."""
         import torch
 
         if self.generator is None and self.seed is not None:
-            self.generator = torch.Generator(device=logits.device).manual_seed(int(self.seed))
-        scores = logits[None]
-        for w in self.warpers:
-            scores = w(None, scores)
-        probs = torch.softmax(scores, dim=-1)
-        return int(torch.multinomial(probs, 1, generator=self.generator)[0, 0])
+            self.generator = torch.Generator(device=device).manual_seed(int(self.seed))
+        return self.generator
+
+    def sample(self, logits: "torch.Tensor") -> int:
+        """One token from a (V,) row of logits."""
+        return self.draw(self.probs(logits))
+
+    def draw(self, probs: "torch.Tensor") -> int:
+        """One token from a (V,) distribution, with the row's generator."""
+        import torch
+
+        return int(torch.multinomial(probs[None], 1, generator=self.rng(probs.device))[0, 0])
 
 
 class RequestRule:
-    """Each row as its request asks: greedy at temperature 0, else sampled."""
+    """Each row as its request asks: greedy at temperature 0, else sampled. Rows may
+    join (``admit``) and leave (``keep``) a running batch."""
 
     def __init__(self, requests: Sequence[GenerationRequest]) -> None:
         self.samplers = [None if r.greedy else Sampler(r.temperature, r.top_p, r.seed) for r in requests]
+
+    def admit(self, requests: Sequence[GenerationRequest]) -> None:
+        """New rows after the current ones."""
+        self.samplers += RequestRule(requests).samplers
+
+    def keep(self, rows: Sequence[int]) -> None:
+        """Only ``rows`` go on, in that order."""
+        self.samplers = [self.samplers[i] for i in rows]
 
     def __call__(self, logits: "torch.Tensor", loop: "Loop") -> "torch.Tensor | list[int]":
         if all(s is None for s in self.samplers):
@@ -249,7 +370,8 @@ class _Row:
 class Loop:
     """What a rule sees: the driving expert and its session, the requests, each
     row's prompt and generated ids, which rows are done, the step number and the
-    tokens chosen at the previous step (None at the first)."""
+    tokens chosen at the previous step (None at the first; a row's last one where
+    the rule chose several)."""
 
     expert: "Expert"
     session: Session
@@ -275,6 +397,7 @@ class Event:
     row: int
     text: str
     completion: Completion | None = None
+    request: GenerationRequest | None = None
 
 
 def decode(
@@ -284,33 +407,55 @@ def decode(
     *,
     prompts: Sequence[Sequence[int]] | None = None,
     trace: Callable[[GenerationRequest], dict[str, Any]] | None = None,
+    admit: "Callable[[Loop], Sequence[tuple[GenerationRequest, Sequence[int]]]] | None" = None,
 ) -> Iterator[list[Event]]:
     """Run the loop over a batch of requests on ``expert``; yield each step's events.
 
     ``rule`` chooses the tokens (default: each request's own greedy or sampling
     settings); ``prompts`` are already-encoded prompt ids; ``trace`` builds the
-    base of each completion's trace (default: the expert's)."""
+    base of each completion's trace (default: the expert's).
+
+    Continuous batching: with ``admit``, finished rows leave the batch after each
+    step, and ``admit(loop)`` returns (request, prompt ids) pairs that join it
+    (prefilled in a pass of their own, appended after the running rows); the
+    loop ends when no row is left and ``admit`` returns none. Row numbers then
+    change between steps: an event's ``request`` says whose it is. The rule must
+    follow with ``admit(requests)`` and ``keep(rows)`` (``RequestRule`` does), and
+    the session must allow it (``Session.can_extend``)."""
+    requests = list(requests)
     prompt_ids = [list(p) for p in prompts] if prompts is not None else [expert.encode(r) for r in requests]
     eos = frozenset(expert.eos_token_ids)
-    rows = [
-        _Row(r, ids, expert.stops_for(r), expert.max_new_tokens(r, len(ids)), eos, expert.tokenizer)
-        for r, ids in zip(requests, prompt_ids)
-    ]
+
+    def make_row(r: GenerationRequest, ids: list[int]) -> _Row:
+        return _Row(r, ids, expert.stops_for(r), expert.max_new_tokens(r, len(ids)), eos, expert.tokenizer)
+
+    rows = [make_row(r, ids) for r, ids in zip(requests, prompt_ids)]
     session = Session(expert, prompt_ids)
     rule = rule or RequestRule(requests)
+    if admit is not None:
+        if not (hasattr(rule, "admit") and hasattr(rule, "keep")):
+            raise TypeError(f"decode: admit= needs a rule with admit() and keep(); {type(rule).__name__} has not")
+        if not session.can_extend:
+            raise ValueError(f"decode: expert '{expert.name}' keeps a sliding-window cache; rows cannot join a running batch")
     loop = Loop(expert, session, requests, prompt_ids, rows)
     if hasattr(rule, "start"):
         rule.start(loop)
     base_trace = trace or expert.trace_for
     pad = expert.tokenizer.pad_token_id
+    feeds = bool(getattr(rule, "feeds_session", False))
     while True:
-        chosen = rule(session.logits, loop)
-        chosen = chosen.tolist() if hasattr(chosen, "tolist") else [int(t) for t in chosen]
+        chosen = _per_row(rule(session.logits, loop))
         events = []
-        for i, (row, token) in enumerate(zip(rows, chosen)):
+        for i, (row, tokens) in enumerate(zip(rows, chosen)):
             if row.finish is not None:
                 continue
-            text = row.push(int(token))
+            if not tokens:
+                raise ValueError(f"decode: the rule chose no token for row {i}")
+            text = ""
+            for token in tokens:
+                text += row.push(token)
+                if row.finish is not None:
+                    break
             done = None
             if row.finish is not None:
                 tr = base_trace(row.request)
@@ -318,13 +463,53 @@ def decode(
                     tr.update(rule.trace(i))
                 done = Completion(text=row.text, finish_reason=row.finish, usage=Usage(len(row.prompt), len(row.gen)), trace=tr)
             if text or done is not None:
-                events.append(Event(i, text, done))
+                events.append(Event(i, text, done, row.request))
         yield events
-        if all(r.finish is not None for r in rows):
+        if admit is None and all(r.finish is not None for r in rows):
             return
-        loop.last = [t if r.finish is None else pad for t, r in zip(chosen, rows)]
+        loop.last = [t[-1] if r.finish is None else pad for t, r in zip(chosen, rows)]
         loop.step += 1
-        session.feed(loop.last)
+        if admit is not None:
+            going = [i for i, r in enumerate(rows) if r.finish is None]
+            if len(going) < len(rows):
+                session.keep(going)
+                rule.keep(going)  # type: ignore[union-attr]
+                rows[:] = [rows[i] for i in going]
+                requests[:] = [requests[i] for i in going]
+                prompt_ids[:] = [prompt_ids[i] for i in going]
+                chosen = [chosen[i] for i in going]
+                loop.last = [loop.last[i] for i in going]
+        if feeds:
+            pass
+        elif not rows:
+            pass
+        elif all(len(t) == 1 for t, r in zip(chosen, rows) if r.finish is None):
+            session.feed(loop.last)
+        else:  # several tokens for some row: catch the session up on all it has not seen, in one pass
+            session.feed([r.gen[n - len(r.prompt) :] if r.finish is None else [] for r, n in zip(rows, session.lengths)])
+        if admit is not None:
+            joining = list(admit(loop))
+            if joining:
+                new_requests = [r for r, _ in joining]
+                new_ids = [list(ids) for _, ids in joining]
+                if rows:
+                    session.extend(new_ids)
+                else:
+                    session = loop.session = Session(expert, new_ids)
+                rule.admit(new_requests)  # type: ignore[union-attr]
+                rows += [make_row(r, ids) for r, ids in zip(new_requests, new_ids)]
+                requests += new_requests
+                prompt_ids += new_ids
+                loop.last = list(loop.last) + [pad] * len(joining)
+            if not rows:
+                return
+
+
+def _per_row(chosen: Any) -> list[list[int]]:
+    """A rule's choice as a list of token ids per row (one id, or several in order)."""
+    if hasattr(chosen, "tolist"):
+        chosen = chosen.tolist()
+    return [[int(x) for x in t] if isinstance(t, (list, tuple)) else [int(t)] for t in chosen]
 
 
 def generate_batch(

@@ -5,9 +5,17 @@ thread. The worker takes the oldest waiting request, waits up to
 ``max_wait_ms`` (counted from that request's arrival, or from the end of the
 previous batch if later) for more, then decodes
 up to ``max_batch`` of them in one batch through ``collab.decode.decode``,
-handing each row's text to its request as soon as the loop releases it. A
-request whose client went away is given EOS at the next step, which ends its
-row; a batch whose rows are all gone stops at once.
+handing each row's text to its request as soon as the loop releases it.
+
+Continuous batching (the default where the expert's KV cache allows it, i.e.
+no sliding-window layers): between two steps of a running batch, finished
+rows leave it and waiting requests join it, prefilled in a pass of their own,
+up to ``max_batch`` rows; so a request never waits for a whole batch to end.
+Otherwise (Gemma-3's local attention, or ``continuous=False``) a batch runs
+until its last row ends.
+
+A request whose client went away is given EOS at the next step, which ends its
+row; a batch whose rows are all gone stops at once (when nothing waits).
 
 A composite system (a router over experts, a remote expert with a local
 fallback) reaches its local experts through ``BatchedExpert`` views of the same
@@ -16,6 +24,7 @@ batchers, so routed requests share batches with direct ones.
 
 from __future__ import annotations
 
+import copy
 import logging
 import queue
 import threading
@@ -93,19 +102,27 @@ class Ticket:
 
 
 class _CancelRule:
-    """The requests' own token choice, except that a cancelled row is given EOS, which ends it."""
+    """The requests' own token choice, except that a cancelled row is given EOS, which
+    ends it. ``tickets`` maps each row's request (by identity) to its ticket."""
 
-    def __init__(self, inner: Any, tickets: Sequence[Ticket], eos: int | None) -> None:
+    def __init__(self, inner: Any, tickets: dict[int, Ticket], eos: int | None) -> None:
         self.inner = inner
         self.tickets = tickets
         self.eos = eos
 
     def __call__(self, logits: Any, loop: Any) -> Any:
         chosen = self.inner(logits, loop)
-        if self.eos is None or not any(t.cancelled for t in self.tickets):
+        gone = [self.tickets[id(r)].cancelled for r in loop.requests]
+        if self.eos is None or not any(gone):
             return chosen
         chosen = chosen.tolist() if hasattr(chosen, "tolist") else list(chosen)
-        return [self.eos if t.cancelled else int(c) for c, t in zip(chosen, self.tickets)]
+        return [self.eos if g else c for c, g in zip(chosen, gone)]
+
+    def admit(self, requests: Sequence[GenerationRequest]) -> None:
+        self.inner.admit(requests)
+
+    def keep(self, rows: Sequence[int]) -> None:
+        self.inner.keep(rows)
 
 
 class ExpertBatcher:
@@ -119,6 +136,7 @@ class ExpertBatcher:
         max_wait_ms: float = 10.0,
         max_queue: int = 64,
         metrics: "Metrics | None" = None,
+        continuous: bool = True,
     ) -> None:
         if max_batch < 1 or max_queue < 1 or max_wait_ms < 0:
             raise ValueError(f"ExpertBatcher: expected max_batch >= 1, max_queue >= 1, max_wait_ms >= 0; found {max_batch}, {max_queue}, {max_wait_ms}")
@@ -128,6 +146,7 @@ class ExpertBatcher:
         self.max_wait = max_wait_ms / 1000.0
         self.max_queue = max_queue
         self.metrics = metrics
+        self.continuous = continuous and _can_join(expert)
         self._pending: deque[Ticket] = deque()
         self._cv = threading.Condition()
         self._stopping = False
@@ -141,7 +160,9 @@ class ExpertBatcher:
         Raises ContextLengthError for a prompt that does not fit and QueueFull when
         ``max_queue`` requests already wait."""
         prompt = self.expert.encode(request)
-        ticket = Ticket(request, prompt, deliver, deltas)
+        # a copy of its own: the loop tells rows apart by their request's identity, and the
+        # n choices of one client request are n rows
+        ticket = Ticket(copy.copy(request), prompt, deliver, deltas)
         with self._cv:
             if self._stopping:
                 raise ExpertFailed(f"expert '{self.name}': the server is shutting down")
@@ -203,36 +224,58 @@ class ExpertBatcher:
             t.send("error", ExpertFailed(f"expert '{self.name}': the server is shutting down"))
 
     # ------------------------------------------------------------ decoding
-    def _decode(self, batch: list[Ticket], *, recover: bool = True) -> None:
-        from collab.decode import RequestRule, decode
-
+    def _started(self, tickets: Sequence[Ticket], running: int) -> None:
         now = time.monotonic()
-        for t in batch:
+        for t in tickets:
             t.queue_wait = now - t.enqueued
             if self.metrics is not None:
                 self.metrics.queue_wait.observe(t.queue_wait, expert=self.name)
         if self.metrics is not None:
-            self.metrics.batch_size.observe(len(batch), expert=self.name)
+            self.metrics.batch_size.observe(running, expert=self.name)
+
+    def _join(self, loop: Any, live: dict[int, Ticket]) -> list[tuple[GenerationRequest, list[int]]]:
+        """Between two steps: the waiting requests that fit in the running batch."""
+        room = self.max_batch - len(loop.rows)
+        if room <= 0 or not self._pending:
+            return []
+        joining: list[Ticket] = []
+        with self._cv:
+            while self._pending and len(joining) < room:
+                t = self._pending.popleft()
+                if not t.cancelled:
+                    joining.append(t)
+            self._gauge()
+        if joining:
+            self._started(joining, len(loop.rows) + len(joining))
+            live.update((id(t.request), t) for t in joining)
+        return [(t.request, t.prompt) for t in joining]
+
+    def _decode(self, batch: list[Ticket], *, recover: bool = True) -> None:
+        from collab.decode import RequestRule, decode
+
+        self._started(batch, len(batch))
+        live = {id(t.request): t for t in batch}  # every request the batch has held
         requests = [t.request for t in batch]
         eos = self.expert.eos_token_ids[0] if self.expert.eos_token_ids else None
-        rule = _CancelRule(RequestRule(requests), batch, eos)
+        rule = _CancelRule(RequestRule(requests), live, eos)
+        admit = (lambda loop: self._join(loop, live)) if self.continuous and recover else None
         try:
-            for events in decode(self.expert, requests, rule, prompts=[t.prompt for t in batch]):
+            for events in decode(self.expert, requests, rule, prompts=[t.prompt for t in batch], admit=admit):
                 for e in events:
-                    t = batch[e.row]
+                    t = live[id(e.request)]
                     if t.cancelled:
                         continue
                     if e.text:
                         t.send("delta", e.text)
                     if e.completion is not None:
                         t.send("done", e.completion)
-                if all(t.finished or t.cancelled for t in batch):
+                if admit is None and all(t.finished or t.cancelled for t in batch):
                     break
         except Exception as e:  # noqa: BLE001 - one request's failure must not take the others with it
-            log.exception("expert '%s': batch of %d failed", self.name, len(batch))
-            left = [t for t in batch if not t.finished and not t.cancelled]
+            left = [t for t in live.values() if not t.finished and not t.cancelled]
+            log.exception("expert '%s': batch of %d failed", self.name, len(left))
             for t in left:
-                if recover and len(batch) > 1 and not t.started:
+                if recover and len(left) > 1 and not t.started:
                     self._decode([t], recover=False)  # alone, it either answers or fails by itself
                 else:
                     t.send("error", ExpertFailed(f"expert '{self.name}' failed: {type(e).__name__}: {e}"))
@@ -243,6 +286,14 @@ class ExpertBatcher:
             self._stopping = True
             self._cv.notify_all()
         self._thread.join(timeout=30)
+
+
+def _can_join(expert: "Expert") -> bool:
+    """Whether rows can join a running batch of ``expert`` (no sliding-window cache layers)."""
+    from transformers import DynamicCache
+    from transformers.cache_utils import DynamicLayer
+
+    return all(type(layer) is DynamicLayer for layer in DynamicCache(config=expert.model.config).layers)
 
 
 class BatchedExpert(BaseSystem):

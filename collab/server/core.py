@@ -33,6 +33,8 @@ class ServeOptions:
 
     ``max_batch`` requests to one local expert decode together; the worker waits
     up to ``max_wait_ms`` after the oldest waiting request arrived for others;
+    with ``continuous``, waiting requests also join a running batch between two
+    steps (for experts whose KV cache allows it);
     at most ``max_queue`` requests wait per local expert (and as many run at once
     on the other systems) before new ones get 429. ``api_key`` (if set) must come
     as ``Authorization: Bearer KEY`` on every ``/v1`` request. Bodies over
@@ -41,6 +43,7 @@ class ServeOptions:
     max_batch: int = 8
     max_wait_ms: float = 10.0
     max_queue: int = 64
+    continuous: bool = True
     api_key: str | None = None
     max_body_bytes: int = 1 << 20
     limits: Limits = field(default_factory=Limits)
@@ -160,6 +163,7 @@ class CollabServer:
                 max_wait_ms=self.options.max_wait_ms,
                 max_queue=self.options.max_queue,
                 metrics=self.metrics,
+                continuous=self.options.continuous,
             )
             self._batchers[key] = batcher
             view: Any = BatchedExpert(batcher)

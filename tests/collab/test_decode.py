@@ -153,3 +153,65 @@ def test_custom_rule_over_two_experts(tiny_expert: Any, tiny_model_dir: Path, tm
         seq.append(pick)
     alone = tiny_expert.generate(req)
     assert rule.picks != tiny_expert.tokenizer(alone.text, add_special_tokens=False).input_ids[: len(rule.picks)]
+
+
+# ------------------------------------------------------ continuous batching
+def test_rows_join_and_leave_a_running_session(tiny_expert: Any, prompts: list[list[int]]) -> None:
+    s = Session(tiny_expert, prompts, hidden_states=True)
+    assert s.can_extend
+    seqs = [list(p) for p in prompts]
+    for _ in range(2):
+        nxt = s.logits.argmax(-1).tolist()
+        s.feed(nxt)
+        for q, t in zip(seqs, nxt):
+            q.append(t)
+    tok = tiny_expert.tokenizer
+    late = [tok("A much longer prompt that arrives while the others are decoding, and is longer").input_ids, [7]]
+    assert len(late[0]) > s.mask.shape[1]  # wider than the running rows: they are padded further left
+    s.extend(late)
+    seqs += [list(p) for p in late]
+    assert s.batch == 4 and s.lengths == [len(q) for q in seqs] and len(s.hidden) == tiny_expert.model.config.num_hidden_layers + 1
+    for i, q in enumerate(seqs):
+        torch.testing.assert_close(s.logits[i], full_logits(tiny_expert, q)[-1], atol=1e-4, rtol=1e-4)
+    s.keep([3, 1])  # the first row ends, the longest leaves; order as asked
+    seqs = [seqs[3], seqs[1]]
+    assert s.mask.shape[1] == max(len(q) for q in seqs)  # the columns only the dropped rows used are freed
+    for _ in range(2):
+        nxt = s.logits.argmax(-1).tolist()
+        s.feed(nxt)
+        for i, t in enumerate(nxt):
+            seqs[i].append(t)
+            torch.testing.assert_close(s.logits[i], full_logits(tiny_expert, seqs[i])[-1], atol=1e-4, rtol=1e-4)
+
+
+def test_requests_admitted_mid_decode_answer_as_alone(tiny_expert: Any) -> None:
+    reqs = [GenerationRequest(prompt=p, max_tokens=n) for p, n in
+            [("The capital of France is", 3), ("Once upon a time", 9), ("2 + 2 =", 5), ("Hello there, my friend", 6), ("Why", 4)]]
+    alone = [tiny_expert.generate(r) for r in reqs]
+    waiting = [(r, tiny_expert.encode(r)) for r in reqs[2:]]
+    steps_seen: list[int] = []
+
+    def admit(loop: decode.Loop) -> list[tuple[GenerationRequest, list[int]]]:
+        steps_seen.append(len(loop.rows))
+        if loop.step in (2, 4) and waiting:  # one joins at step 2, two at step 4
+            n = 1 if loop.step == 2 else 2
+            joining, waiting[:] = waiting[:n], waiting[n:]
+            return joining
+        return []
+
+    got: dict[int, Any] = {}
+    for events in decode.decode(tiny_expert, reqs[:2], admit=admit):
+        for e in events:
+            if e.completion is not None:
+                got[id(e.request)] = e.completion
+    assert not waiting and len(got) == 5
+    for r, a in zip(reqs, alone):
+        c = got[id(r)]
+        assert (c.text, c.finish_reason, c.usage.completion_tokens) == (a.text, a.finish_reason, a.usage.completion_tokens)
+    assert len(steps_seen) >= 5 and steps_seen[-1] < 5  # called between every two steps; finished rows left
+
+
+def test_admission_needs_a_rule_that_follows_rows(tiny_expert: Any) -> None:
+    req = GenerationRequest(prompt="Hi", max_tokens=2)
+    with pytest.raises(TypeError, match="admit"):
+        next(decode.decode(tiny_expert, [req], decode.greedy, admit=lambda loop: []))

@@ -187,8 +187,9 @@ def test_metrics_are_valid_prometheus_text(serve: Callable[..., Running]) -> Non
 
 def test_clients_answered_by_a_batch_rejoin_the_next_one(serve: Callable[..., Running], tiny_model_dir: Path) -> None:
     """A request that arrived while a batch ran waits (up to --max-wait-ms) after that batch
-    for the clients it answered, so closed-loop clients do not split into groups taking turns."""
-    run = serve(ServeOptions(max_batch=8, max_wait_ms=400), {"tiny": slow_expert(tiny_model_dir, 0.02)})
+    for the clients it answered, so closed-loop clients do not split into groups taking turns
+    (static batching, ``--no-continuous``)."""
+    run = serve(ServeOptions(max_batch=8, max_wait_ms=400, continuous=False), {"tiny": slow_expert(tiny_model_dir, 0.02)})
     x_done = threading.Event()
 
     def client_x() -> None:  # two requests, one right after the other
@@ -207,3 +208,38 @@ def test_clients_answered_by_a_batch_rejoin_the_next_one(serve: Callable[..., Ru
     # X's first request alone, then Y's and X's second together
     assert metric(run.base, "collab_batch_size_count", expert="tiny") == 2
     assert metric(run.base, "collab_batch_size_sum", expert="tiny") == 3
+
+
+def test_a_request_joins_the_running_batch_and_leaves_it_first(serve: Callable[..., Running], tiny_model_dir: Path) -> None:
+    """Continuous batching: a short request that arrives while a long one decodes joins its
+    batch between two steps and is answered before the long one ends, with the text it gets alone."""
+    run = serve(ServeOptions(max_batch=8, max_wait_ms=0), {"tiny": slow_expert(tiny_model_dir, 0.03)})
+    long_body = body(PROMPTS[0], max_tokens=40)
+    long_body["stop"] = ["\u2603"]  # never generated: the answer runs to max_tokens
+    finished: dict[str, float] = {}
+    answers: dict[str, Any] = {}
+
+    def ask(key: str, payload: dict[str, Any]) -> None:
+        answers[key] = httpx.post(run.url + "/chat/completions", json=payload, timeout=60)
+        finished[key] = time.monotonic()
+
+    x = threading.Thread(target=ask, args=("long", long_body))
+    x.start()
+    deadline = time.time() + 10
+    while metric(run.base, "collab_batch_size_count", expert="tiny") < 1 and time.time() < deadline:
+        time.sleep(0.01)
+    time.sleep(0.1)  # a few steps into the long answer
+    ask("short", body(PROMPTS[2], max_tokens=3))
+    x.join(60)
+    assert answers["long"].status_code == 200 and answers["short"].status_code == 200
+    assert answers["long"].json()["usage"]["completion_tokens"] == 40 or answers["long"].json()["choices"][0]["finish_reason"] == "stop"
+    assert finished["short"] < finished["long"]  # it did not wait for the long answer's batch to end
+    # one batch: started with the long request, joined by the short one (2 rows running then)
+    assert metric(run.base, "collab_batch_size_count", expert="tiny") == 2
+    assert metric(run.base, "collab_batch_size_sum", expert="tiny") == 3
+    for key, prompt, n in (("short", PROMPTS[2], 3), ("long", PROMPTS[0], 40)):
+        payload = body(prompt, max_tokens=n)
+        if key == "long":
+            payload["stop"] = ["\u2603"]
+        alone = httpx.post(run.url + "/chat/completions", json=payload, timeout=60).json()
+        assert answers[key].json()["choices"][0]["message"]["content"] == alone["choices"][0]["message"]["content"]
