@@ -20,6 +20,12 @@ from typing import Any, Callable
 from collab import skills
 from collab.zoo import shipped_dir
 
+#: The files of a model directory that make up its tokenizer and chat template.
+TOKENIZER_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model", "added_tokens.json",
+    "merges.txt", "vocab.json", "chat_template.jinja", "chat_template.json",
+)
+
 DEFAULT_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
@@ -117,35 +123,65 @@ def _load_checkpoint(ckpt: Path, model: Any, optimizer: Any) -> tuple[int, list[
     return int(state["step"]), list(state["losses"])
 
 
-def build_domain_expert(
-    name: str,
-    config: DomainExpertConfig,
-    out_root: Path,
-    progress: Callable[[int, int, float], None] | None = None,
-    stop_after: int | None = None,
-) -> Path:
-    """Train one domain expert into ``out_root/name`` (resuming from its checkpoint).
+@dataclass
+class LoraRun:
+    """A finished LoRA training run: the PEFT model (adapter attached, in eval
+    mode), the expert whose model and tokenizer it wraps, and the loss per step."""
 
-    ``stop_after`` ends training early after that many steps in this call, as an
-    interruption would (used by tests of resumption)."""
-    import math
+    model: Any
+    expert: Any
+    losses: list[float]
+
+
+def batch_indices(n_examples: int, batch_size: int, seed: int, step: int) -> list[int]:
+    """Indices of the examples that make up training step ``step``: the data is
+    shuffled once per epoch with ``seed`` and cut into batches in order, so the
+    batch of a step depends only on the step (this is what makes resumption exact)."""
     import random
+
+    per_epoch = n_examples // batch_size
+    if per_epoch < 1:
+        raise ValueError(f"training data: expected at least batch_size={batch_size} examples, found {n_examples}")
+    epoch, offset = divmod(step, per_epoch)
+    order = list(range(n_examples))
+    random.Random(f"{seed}:{epoch}").shuffle(order)
+    return order[offset * batch_size : (offset + 1) * batch_size]
+
+
+def train_lora(
+    config: DomainExpertConfig,
+    examples: list[skills.Example],
+    *,
+    base: str | Path | None = None,
+    progress: Callable[[int, int, float], None] | None = None,
+    checkpoint: Path | None = None,
+    stop_after: int | None = None,
+) -> LoraRun:
+    """Train a fresh LoRA adapter (``config``'s rank, targets, schedule and seed)
+    on ``examples`` starting from ``base`` (default ``config.base``): any
+    reference ``Expert.load`` takes, e.g. a model directory. ``config.skill``,
+    ``train_examples`` and ``data_seed`` are not read: the examples are given.
+
+    With ``checkpoint``, the adapter and optimizer state are saved there every
+    ``config.checkpoint_every`` steps and training resumes from it; ``stop_after``
+    ends training after that many steps in this call, as an interruption would."""
+    import math
+    import warnings
 
     import torch
     from peft import LoraConfig, get_peft_model
 
     from collab.experts import Expert
-    from collab.io import atomic_directory, atomic_write_json
 
-    t0 = time.perf_counter()
     torch.manual_seed(config.seed)
-    expert = Expert.load(config.base)
-    examples = skills.generate(config.skill, config.train_examples, config.data_seed)
+    expert = Expert.load(str(base) if base is not None else config.base)
     data = _training_texts(expert, examples)
-    model = get_peft_model(
-        expert.model,
-        LoraConfig(r=config.rank, lora_alpha=config.alpha, lora_dropout=0.0, target_modules=config.target_modules, task_type="CAUSAL_LM"),
-    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # peft calls transformers' deprecated is_gradient_checkpointing
+        model = get_peft_model(
+            expert.model,
+            LoraConfig(r=config.rank, lora_alpha=config.alpha, lora_dropout=0.0, target_modules=config.target_modules, task_type="CAUSAL_LM"),
+        )
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=0.0)
@@ -156,18 +192,13 @@ def build_domain_expert(
         frac = (step - config.warmup_steps) / max(1, config.steps - config.warmup_steps)
         return config.learning_rate * 0.5 * (1 + math.cos(math.pi * frac))
 
-    ckpt = out_root / f".{name}.checkpoint"
     step, losses = (0, [])
-    if (ckpt / "state.json").exists():
-        step, losses = _load_checkpoint(ckpt, model, optimizer)
-    per_epoch = len(data) // config.batch_size
+    if checkpoint is not None and (checkpoint / "state.json").exists():
+        step, losses = _load_checkpoint(checkpoint, model, optimizer)
     pad = expert.tokenizer.pad_token_id
     done_here = 0
     while step < config.steps:
-        epoch, offset = divmod(step, per_epoch)
-        order = list(range(len(data)))
-        random.Random(f"{config.seed}:{epoch}").shuffle(order)  # the batch of a step depends only on the step
-        items = [data[i] for i in order[offset * config.batch_size : (offset + 1) * config.batch_size]]
+        items = [data[i] for i in batch_indices(len(data), config.batch_size, config.seed, step)]
         ids, mask, labels = _batch(items, pad)
         for g in optimizer.param_groups:
             g["lr"] = lr_at(step)
@@ -181,13 +212,57 @@ def build_domain_expert(
         losses.append(round(float(loss.detach()), 5))
         if progress is not None:
             progress(step, config.steps, losses[-1])
-        if step % config.checkpoint_every == 0 and step < config.steps:
-            _save_checkpoint(ckpt, model, optimizer, step, losses)
+        if checkpoint is not None and step % config.checkpoint_every == 0 and step < config.steps:
+            _save_checkpoint(checkpoint, model, optimizer, step, losses)
         if stop_after is not None and done_here >= stop_after and step < config.steps:
-            _save_checkpoint(ckpt, model, optimizer, step, losses)
+            if checkpoint is not None:
+                _save_checkpoint(checkpoint, model, optimizer, step, losses)
             raise KeyboardInterrupt(f"stopped after {done_here} steps (step {step} of {config.steps})")
-
     model.eval()
+    return LoraRun(model=model, expert=expert, losses=losses)
+
+
+def save_merged(run: LoraRun, out_dir: Path, side_files_from: Path | None = None) -> Path:
+    """Merge ``run``'s adapter into its base's weights and write the dense model
+    (float32 safetensors, config, tokenizer) to ``out_dir`` atomically.
+
+    The tokenizer files are copied from ``side_files_from`` (the base's model
+    directory) when given, so they stay byte-identical to the base's; otherwise
+    the loaded tokenizer is saved."""
+    import shutil
+
+    from collab.io import atomic_directory
+
+    dense = run.model.merge_and_unload()  # W + B @ A * alpha / r, in the weights' dtype (float32)
+    with atomic_directory(out_dir, overwrite=True) as tmp:
+        dense.save_pretrained(str(tmp), safe_serialization=True)
+        if side_files_from is None:
+            run.expert.tokenizer.save_pretrained(str(tmp))
+        else:
+            for name in TOKENIZER_FILES:
+                if (side_files_from / name).exists():
+                    shutil.copy2(side_files_from / name, tmp / name)
+    return out_dir
+
+
+def build_domain_expert(
+    name: str,
+    config: DomainExpertConfig,
+    out_root: Path,
+    progress: Callable[[int, int, float], None] | None = None,
+    stop_after: int | None = None,
+) -> Path:
+    """Train one domain expert into ``out_root/name`` (resuming from its checkpoint).
+
+    ``stop_after`` ends training early after that many steps in this call, as an
+    interruption would (used by tests of resumption)."""
+    from collab.io import atomic_directory, atomic_write_json
+
+    t0 = time.perf_counter()
+    examples = skills.generate(config.skill, config.train_examples, config.data_seed)
+    ckpt = out_root / f".{name}.checkpoint"
+    run = train_lora(config, examples, progress=progress, checkpoint=ckpt, stop_after=stop_after)
+    model, losses = run.model, run.losses
     target = out_root / name
     with atomic_directory(target, overwrite=True) as tmp:
         model.save_pretrained(str(tmp), safe_serialization=True)

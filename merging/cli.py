@@ -1,4 +1,4 @@
-"""``collab merge``: parse arguments and call ``merging.merge``."""
+"""``collab merge``: parse arguments and call ``merging.merge`` (``collab fuse`` lives in ``merging.fuse_cli``)."""
 
 from __future__ import annotations
 
@@ -41,5 +41,8 @@ def merge_command(
 
 
 def register(app: typer.Typer) -> None:
-    """Add ``collab merge`` to the collab CLI."""
+    """Add ``collab merge`` and ``collab fuse`` to the collab CLI."""
+    from merging import fuse_cli
+
     app.command("merge")(merge_command)
+    fuse_cli.register(app)
