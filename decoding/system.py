@@ -59,17 +59,17 @@ def _output_size(expert: "Expert") -> int:
     return int(expert.model.get_output_embeddings().weight.shape[0])
 
 
-def check_shared_tokenizer(base: "Expert", assistants: Sequence["Expert"]) -> None:
+def check_shared_tokenizer(
+    base: "Expert", assistants: Sequence["Expert"], why: str = "Co-LLM interleaves tokens, so every assistant needs the base's vocabulary"
+) -> None:
     """TokenizerMismatchError naming both vocabularies unless every assistant has the
-    base's tokenizer (the same token -> id map and special tokens) and LM-head size."""
+    base's tokenizer (the same token -> id map and special tokens) and LM-head size;
+    ``why`` ends the message: what the caller needs a shared vocabulary for."""
     vocab = base.tokenizer.get_vocab()
     for a in assistants:
         same = a.tokenizer.get_vocab() == vocab and _output_size(a) == _output_size(base)
         if not same:
-            raise TokenizerMismatchError(
-                f"{_vocab_summary(base)} and {_vocab_summary(a)} do not share a tokenizer; "
-                "Co-LLM interleaves tokens, so every assistant needs the base's vocabulary"
-            )
+            raise TokenizerMismatchError(f"{_vocab_summary(base)} and {_vocab_summary(a)} do not share a tokenizer; {why}")
 
 
 def final_hidden_state(expert: "Expert", hidden: "torch.Tensor", logits: "torch.Tensor") -> None:

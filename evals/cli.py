@@ -158,7 +158,8 @@ def eval_command(
     print_table({"benchmarks": list(cells), "systems": list(dict.fromkeys(s["system"] for s in summaries)), "cells": cells})
     for s in summaries:
         extra = ", ".join(f"{m}={v['mean']:.3f}" for m, v in s["metrics"].items())
-        sys.stdout.write(f"{s['benchmark']} · {s['system']}: {extra}; mode {s['mode']}; {s['tokens']['total']} tokens; {s['seconds']:.1f} s\n")
+        cost = f" (cost: {s['cost']['tokens']} tokens read or written by all its models, x{s['cost']['ratio']:.1f})" if s.get("cost") else ""
+        sys.stdout.write(f"{s['benchmark']} · {s['system']}: {extra}; mode {s['mode']}; {s['tokens']['total']} tokens{cost}; {s['seconds']:.1f} s\n")
 
 
 def register(app: typer.Typer) -> None:

@@ -53,7 +53,8 @@ def format_cell(s: dict[str, Any] | None) -> str:
     if s is None:
         return "-"
     mark = "" if s.get("complete", True) else "*"
-    return f"{s['score']:.3f} [{s['ci_low']:.3f}, {s['ci_high']:.3f}] n={s['n']}{mark}"
+    cost = f" cost x{s['cost']['ratio']:.1f}" if s.get("cost") else ""
+    return f"{s['score']:.3f} [{s['ci_low']:.3f}, {s['ci_high']:.3f}] n={s['n']}{cost}{mark}"
 
 
 def print_table(comparison: dict[str, Any], title: str = "collab eval") -> None:

@@ -70,6 +70,9 @@ class EvalResult:
     limit: int | None
     complete: bool
     groups: dict[str, dict[str, float]] = field(default_factory=dict)
+    #: What the answers cost where the system reports it (an ensemble's ``trace.cost``):
+    #: the tokens every model read or wrote, and that over the answers' own tokens.
+    cost: dict[str, float] | None = None
     out_dir: str | None = None
     total: int = 0
     interrupted: bool = False
@@ -274,10 +277,23 @@ def summarize(records: list[dict[str, Any]], bench: Benchmark, system: str, mode
         limit=limit,
         complete=len(records) == total,
         groups=groups,
+        cost=summarize_cost(records),
         out_dir=out_dir,
         total=total,
         records=records,
     )
+
+
+def summarize_cost(records: list[dict[str, Any]]) -> dict[str, float] | None:
+    """The summed ``trace.cost.tokens`` of the records (the tokens all of a system's
+    models read or wrote: members x tokens for an ensemble), per example and as a
+    multiple of the answers' own tokens; None when no record reports a cost."""
+    costed = [r for r in records if isinstance((r.get("trace") or {}).get("cost"), dict)]
+    if not costed:
+        return None
+    total = sum(int(r["trace"]["cost"].get("tokens", 0)) for r in costed)
+    own = sum(int(r["tokens"]["total"]) for r in costed)
+    return {"tokens": total, "per_example": round(total / len(costed), 1), "ratio": round(total / own, 3) if own else float("nan")}
 
 
 # -------------------------------------------------------------------- runner
