@@ -445,8 +445,10 @@ class Expert(BaseSystem):
             )
         if logits_to_keep and out.logits.shape[1] > logits_to_keep:
             out.logits = out.logits[:, -logits_to_keep:]
-        if "cache" not in out and "past_key_values" in out:  # an older transformers; reading the
-            out.cache = out["past_key_values"]  # old name through the attribute warns on newer ones
+        if self._cache_arg == "past_key_values" and "past_key_values" in out:
+            # an older transformers names the output's cache so too; on newer ones even asking
+            # for the old name (``in``, ``[]``, the attribute) warns that it is deprecated
+            out.cache = out["past_key_values"]
         return out
 
     def embed(self, texts: Sequence[str], layers: Sequence[int], max_tokens: int = 256, batch_size: int = 16) -> "np.ndarray":

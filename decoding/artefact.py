@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from collab.artefacts import ArtefactKind, from_known_fields, read_artefact_config
 from collab.errors import CollabError
 
 if TYPE_CHECKING:
@@ -28,6 +29,10 @@ ARTEFACT_TYPE = "colm-head"
 ARTEFACT_VERSION = 1
 HEAD_FILE = "head.safetensors"
 ADAPTER_DIR = "adapter"
+KIND = ArtefactKind(
+    ARTEFACT_TYPE, ARTEFACT_VERSION, ("base", "assistants", "hidden_size", "vocab_size"),
+    noun="deferral head", description="a deferral head", train_command="collab decode train",
+)
 
 
 class HeadError(CollabError):
@@ -64,28 +69,10 @@ class HeadConfig:
 
 def read_config(head_dir: str | Path) -> HeadConfig:
     """The head's ``config.json``, checked; HeadError naming the file otherwise."""
-    d = Path(head_dir)
-    path = d / "config.json"
-    if not d.is_dir():
-        raise HeadError(f"{d}: deferral head directory not found (train one with: collab decode train)")
-    if not path.is_file():
-        raise HeadError(f"{d}: no config.json (not a deferral head; train one with: collab decode train)")
-    try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise HeadError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from e
-    if not isinstance(raw, dict) or raw.get("type") != ARTEFACT_TYPE:
-        found = raw.get("type") if isinstance(raw, dict) else type(raw).__name__
-        raise HeadError(f"{path}: type: expected '{ARTEFACT_TYPE}' (a deferral head), found {found!r}")
-    if raw.get("version") != ARTEFACT_VERSION:
-        raise HeadError(f"{path}: version: this collab reads version {ARTEFACT_VERSION}, found {raw.get('version')!r}")
-    for key in ("base", "assistants", "hidden_size", "vocab_size"):
-        if key not in raw:
-            raise HeadError(f"{path}: {key}: missing")
+    path, raw = read_artefact_config(head_dir, KIND, HeadError)
     if not isinstance(raw["assistants"], list) or not raw["assistants"]:
         raise HeadError(f"{path}: assistants: expected a non-empty list of {{name, ref}}, found {raw['assistants']!r}")
-    known = set(HeadConfig.__dataclass_fields__)
-    return HeadConfig(**{k: v for k, v in raw.items() if k in known})
+    return from_known_fields(HeadConfig, raw)
 
 
 def save_head(target: Path, head: "DeferralHead", config: HeadConfig, adapter_model: Any = None) -> None:

@@ -1,4 +1,5 @@
-"""``collab decode train|tune``. Imports only typer and the stdlib at module level."""
+"""``collab decode train|tune``. Imports only typer, the stdlib and collab's light
+progress helper at module level."""
 
 from __future__ import annotations
 
@@ -9,42 +10,18 @@ from typing import Annotated, Any, Iterator, Optional
 
 import typer
 
+from collab.progress import phase_bars
+
 decode_app = typer.Typer(help="Co-LLM: a base model that learns when to let domain experts write the next token.", no_args_is_help=True)
+
+
+#: The training phases' progress bar labels.
+TRAIN_PHASES = {"scoring": "scoring the data (frozen models)", "init": "weak supervision (head)", "marginal": "marginal likelihood"}
 
 
 def _refs(values: list[str]) -> list[str]:
     """``--assistant a,b --assistant c`` -> [a, b, c]."""
     return [r.strip() for v in values for r in v.split(",") if r.strip()]
-
-
-@contextlib.contextmanager
-def _bars(quiet: bool) -> Iterator[Any]:
-    """A progress callback drawing one rich bar per phase (None with --quiet)."""
-    if quiet:
-        from collab.io import silence_library_progress
-
-        silence_library_progress()
-        yield None
-        return
-    from rich.progress import (
-        BarColumn,
-        Progress,
-        TextColumn,
-        TimeElapsedColumn,
-        TimeRemainingColumn,
-    )
-
-    labels = {"scoring": "scoring the data (frozen models)", "init": "weak supervision (head)", "marginal": "marginal likelihood"}
-    with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total} {task.fields[loss]}"),
-                  TimeElapsedColumn(), TimeRemainingColumn()) as bar:
-        tasks: dict[str, Any] = {}
-
-        def report(phase: str, done: int, total: int, loss: float | None) -> None:
-            if phase not in tasks:
-                tasks[phase] = bar.add_task(labels.get(phase, phase), total=total, loss="")
-            bar.update(tasks[phase], completed=done, loss="" if loss is None else f"loss {loss:.4f}")
-
-        yield report
 
 
 @decode_app.command("train")
@@ -74,7 +51,7 @@ def train(
         steps=steps, init_steps=init_steps, train_base=train_base, batch_size=batch_size, lr=lr, init_lr=init_lr, lora_lr=lora_lr,
         pos_weight=pos_weight, examples=examples, seed=seed, checkpoint_every=checkpoint_every,
     )
-    with _bars(quiet) as report:
+    with phase_bars(quiet, TRAIN_PHASES) as report:
         path = train_colm(base, _refs(assistant), data, out, cfg, overwrite=overwrite, progress=report)
     m = json.loads((path / "config.json").read_text())["metrics"]
     share = ", ".join(f"{k} {v:.1%}" for k, v in m["weak_label_share"].items())

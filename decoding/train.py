@@ -26,13 +26,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 from collab.errors import CollabError, Interrupted
+from collab.training import TrainingCheckpoint, batch_order, load_expert
 from decoding.data import TrainingData
 from decoding.features import Features, Progress, answer_states, score_data
 
@@ -42,6 +42,7 @@ if TYPE_CHECKING:
     from collab.experts import Expert
     from decoding.head import DeferralHead
 
+FEATURES_FILE = "features.safetensors"
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
@@ -88,86 +89,22 @@ class TrainConfig:
                 raise CollabError(f"--{key.replace('_', '-')}: expected a positive number, found {getattr(self, key)!r}")
 
 
-# ------------------------------------------------------------------ training
-def _order(step: int, n: int, batch_size: int, seed: int, stage: str) -> list[int]:
-    """The conversations of ``step``: a seeded shuffle per epoch, so a step's batch
-    depends only on the step (a resumed run sees the same batches)."""
-    import random
+def _tensors(head: "DeferralHead", lora_model: Any) -> dict[str, "torch.Tensor"]:
+    """What the checkpoint holds: the head's weight and, if any, the base's LoRA."""
+    tensors = {"head.weight": head.weight}
+    if lora_model is not None:
+        from peft import get_peft_model_state_dict
 
-    per_epoch = max(1, n // batch_size)
-    epoch, offset = divmod(step, per_epoch)
-    order = list(range(n))
-    random.Random(f"{seed}:{stage}:{epoch}").shuffle(order)
-    return order[offset * batch_size : (offset + 1) * batch_size] or order[:batch_size]
+        tensors.update({f"lora.{k}": v for k, v in get_peft_model_state_dict(lora_model).items()})
+    return tensors
 
 
-class _Checkpoint:
-    """The hidden directory beside the output where an interrupted run resumes."""
+def _restore(tensors: dict[str, "torch.Tensor"], head: "DeferralHead", lora_model: Any) -> None:
+    head.weight.data.copy_(tensors["head.weight"])
+    if lora_model is not None:
+        from peft import set_peft_model_state_dict
 
-    def __init__(self, out: Path, fingerprint: str) -> None:
-        self.dir = out.parent / f".{out.name}.checkpoint"
-        self.fingerprint = fingerprint
-
-    @property
-    def features_path(self) -> Path:
-        return self.dir / "features.safetensors"
-
-    def state(self) -> dict[str, Any] | None:
-        path = self.dir / "state.json"
-        if not path.is_file():
-            return None
-        state = json.loads(path.read_text())
-        if state.get("fingerprint") != self.fingerprint:
-            raise CollabError(
-                f"{self.dir}: a checkpoint of a run with other settings, experts or data; "
-                "rerun with the same ones to resume, or delete it to start over"
-            )
-        return state
-
-    def save(self, state: dict[str, Any], head: "DeferralHead", optimizer: Any, lora_model: Any) -> None:
-        from safetensors.torch import save_file
-
-        from collab.io import atomic_write_json
-
-        self.dir.mkdir(parents=True, exist_ok=True)
-        tensors = {"head.weight": head.weight.detach().clone()}
-        for i, st in optimizer.state_dict()["state"].items():
-            for k, v in st.items():
-                tensors[f"optimizer.{i}.{k}"] = v.detach().clone() if hasattr(v, "detach") else __import__("torch").tensor(float(v))
-        if lora_model is not None:
-            from peft import get_peft_model_state_dict
-
-            for k, v in get_peft_model_state_dict(lora_model).items():
-                tensors[f"lora.{k}"] = v.detach().clone()
-        tmp = self.dir / "weights.safetensors.tmp"
-        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
-        tmp.replace(self.dir / "weights.safetensors")
-        atomic_write_json(self.dir / "state.json", {**state, "fingerprint": self.fingerprint})
-
-    def restore(self, head: "DeferralHead", optimizer: Any, lora_model: Any) -> None:
-        from safetensors.torch import load_file
-
-        tensors = load_file(str(self.dir / "weights.safetensors"))
-        head.weight.data.copy_(tensors["head.weight"])
-        sd = optimizer.state_dict()
-        for key, v in tensors.items():
-            if key.startswith("optimizer."):
-                _, i, k = key.split(".", 2)
-                sd["state"].setdefault(int(i), {})[k] = v
-        optimizer.load_state_dict(sd)
-        if lora_model is not None:
-            from peft import set_peft_model_state_dict
-
-            set_peft_model_state_dict(lora_model, {k[5:]: v for k, v in tensors.items() if k.startswith("lora.")})
-
-    def remove(self) -> None:
-        shutil.rmtree(self.dir, ignore_errors=True)
-
-
-def _expert(ref: "str | Expert") -> "Expert":
-    from collab.experts import Expert
-
-    return ref if isinstance(ref, Expert) else Expert.load(ref)
+        set_peft_model_state_dict(lora_model, {k[5:]: v for k, v in tensors.items() if k.startswith("lora.")})
 
 
 def _identity(expert: "Expert") -> dict[str, Any]:
@@ -216,8 +153,8 @@ def train_colm(
     if not assistants:
         raise CollabError("--assistant: expected at least one assistant expert")
     t0 = time.perf_counter()
-    base_e = _expert(base)
-    assistant_es = [_expert(a) for a in assistants]
+    base_e = load_expert(base)
+    assistant_es = [load_expert(a) for a in assistants]
     check_shared_tokenizer(base_e, assistant_es)
     td = data if isinstance(data, TrainingData) else load_data(data, config.examples)
     items = td.tokenize(base_e)
@@ -226,17 +163,14 @@ def train_colm(
     settings = {k_: v for k_, v in dataclasses.asdict(config).items() if k_ != "checkpoint_every"}
     identities = [_identity(base_e)] + [_identity(a) for a in assistant_es]
     fingerprint = sha256_text(json.dumps([settings, identities, td.sha256], sort_keys=True))
-    ckpt = _Checkpoint(out, fingerprint)
+    ckpt = TrainingCheckpoint(out, fingerprint)
     state = ckpt.state() or {"stage": "init", "step": 0, "losses": {"init": [], "marginal": []}}
 
-    if ckpt.features_path.is_file():
-        features = Features.load(ckpt.features_path)
+    if ckpt.path(FEATURES_FILE).is_file():
+        features = Features.load(ckpt.path(FEATURES_FILE))
     else:
         features = score_data(base_e, assistant_es, items, batch_size=min(config.batch_size, 16), progress=progress)
-        ckpt.dir.mkdir(parents=True, exist_ok=True)
-        tmp = ckpt.dir / "features.safetensors.tmp"
-        features.save(tmp)
-        tmp.replace(ckpt.features_path)
+        ckpt.write(FEATURES_FILE, features.save)
     labels = weak_labels(features.hits[:, 0], features.hits[:, 1:], features.log_probs[:, 1:])
 
     torch.manual_seed(config.seed)
@@ -253,7 +187,7 @@ def train_colm(
         step = state["step"] if state["stage"] == stage else 0
         try:
             while step < total:
-                convs = _order(step, len(items), config.batch_size, config.seed, stage)
+                convs = batch_order(step, len(items), config.batch_size, config.seed, stage)
                 loss = loss_at(convs)
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -266,11 +200,11 @@ def train_colm(
                 if progress is not None:
                     progress(stage, step, total, losses[-1])
                 if step % config.checkpoint_every == 0 and step < total:
-                    ckpt.save(state, head, optimizer, lora_model)
+                    ckpt.save(state, _tensors(head, lora_model), optimizer)
                 if stop_after is not None and steps_done >= stop_after and step < total:
                     raise KeyboardInterrupt
         except KeyboardInterrupt as e:
-            ckpt.save(state, head, optimizer, lora_model)
+            ckpt.save(state, _tensors(head, lora_model), optimizer)
             raise Interrupted(
                 f"training stopped after {stage} step {step} of {total}; the checkpoint is in {ckpt.dir}: "
                 "rerun the same command to resume"
@@ -280,7 +214,7 @@ def train_colm(
     if state["stage"] == "init":
         opt = torch.optim.AdamW([head.weight], lr=config.init_lr, weight_decay=0.0)
         if state["step"] > 0:
-            ckpt.restore(head, opt, None)
+            _restore(ckpt.restore(opt), head, None)
 
         def init_loss(convs: list[int]) -> "torch.Tensor":
             rows = features.rows(convs)
@@ -297,7 +231,7 @@ def train_colm(
         groups.append({"params": lora_params, "lr": config.lora_lr})
     opt = torch.optim.AdamW(groups, weight_decay=0.0)
     if state["stage"] == "marginal" and state["step"] > 0:
-        ckpt.restore(head, opt, lora_model)
+        _restore(ckpt.restore(opt), head, lora_model)
     pad = base_e.tokenizer.pad_token_id
 
     def marginal_loss(convs: list[int]) -> "torch.Tensor":

@@ -1,8 +1,10 @@
 """The import graph stays a tree of layers: no cycles among the project's
 modules (lazy, function-level imports included; ``if TYPE_CHECKING:`` blocks
-excluded, they never run), and the core never imports the CLI library or the
-method packages; they import the core, and the core reaches them only through
-the system-type registry's entry points."""
+excluded, they never run), and the core never imports the method packages (they
+import the core, and the core reaches them only through the system-type
+registry's entry points). Only command modules (``collab.cli``, ``collab.*.cli``)
+import the CLI library, and nothing in the core imports a command module:
+``collab.cli`` loads them by name (COMMAND_MODULES)."""
 
 from __future__ import annotations
 
@@ -112,16 +114,69 @@ def test_a_cycle_is_found() -> None:
     assert _cycles(graph) == [["a", "b", "c"]]
 
 
-def test_core_imports_no_cli_library_and_no_method_package() -> None:
-    graph = _graph()
-    mods = _modules()
+def _is_cli(module: str) -> bool:
+    """A command module: ``collab.cli``, ``collab.latent.cli``, ``routers.cli``."""
+    return module.rpartition(".")[2] == "cli"
+
+
+def _core_violations(graph: dict[str, set[str]], libraries: dict[str, set[str]]) -> list[str]:
+    """How the core (every ``collab*`` module) breaks the layering, given each
+    module's edges to the project's modules and the top-level libraries it imports:
+
+    - no core module imports a method package (the system-type registry reaches them);
+    - only the core's command modules (named ``cli``) import the CLI library;
+    - no core module imports a command module: ``collab.cli`` reaches them by name
+      through COMMAND_MODULES, and nothing else reaches them at all.
+    """
+    wrong: list[str] = []
     for name in sorted(graph):
-        if not name.startswith("collab") or name == "collab.cli":
+        if name.split(".")[0] != "collab":
             continue
-        wrong = sorted(t for t in graph[name] if t.split(".")[0] in METHOD_PACKAGES)
-        assert not wrong, f"{name} imports {wrong}; the core reaches method packages only through the system-type registry"
-        libs = {t.split(".")[0] for t in _imports(name, mods[name])}
-        assert not libs & {"typer", "click"}, f"{name} imports the CLI library"
+        methods = sorted(t for t in graph[name] if t.split(".")[0] in METHOD_PACKAGES)
+        if methods and name != "collab.cli":
+            wrong.append(f"{name} imports {methods}; the core reaches method packages only through the system-type registry")
+        commands = sorted(t for t in graph[name] if _is_cli(t))
+        if commands:
+            wrong.append(f"{name} imports {commands}; command modules are reached only through collab.cli's COMMAND_MODULES")
+        cli_libs = sorted(libraries[name] & {"typer", "click"})
+        if cli_libs and not _is_cli(name):
+            wrong.append(f"{name} imports the CLI library ({', '.join(cli_libs)}); only command modules (named cli) may")
+    return wrong
+
+
+def test_core_imports_no_cli_library_and_no_method_package() -> None:
+    mods = _modules()
+    libraries = {name: {t.split(".")[0] for t in _imports(name, path)} for name, path in mods.items()}
+    wrong = _core_violations(_graph(), libraries)
+    assert not wrong, "\n".join(wrong)
+
+
+def test_core_violations_are_found() -> None:
+    graph = {
+        "collab.cli": {"collab.spec"},
+        "collab.spec": {"collab.errors"},
+        "collab.errors": set(),
+        "collab.latent.cli": {"collab.latent.train"},
+        "collab.latent.train": {"collab.errors"},
+    }
+    libraries = {name: set() for name in graph} | {"collab.cli": {"typer"}, "collab.latent.cli": {"typer", "click"}}
+    assert _core_violations(graph, libraries) == []  # command modules may use typer and click
+    bad_graph = {**graph, "collab.spec": {"collab.latent.cli", "routers.base"}, "collab.cli": {"collab.latent.cli"}}
+    bad_libraries = {**libraries, "collab.latent.train": {"typer"}}
+    assert _core_violations(bad_graph, bad_libraries) == [
+        "collab.cli imports ['collab.latent.cli']; command modules are reached only through collab.cli's COMMAND_MODULES",
+        "collab.latent.train imports the CLI library (typer); only command modules (named cli) may",
+        "collab.spec imports ['routers.base']; the core reaches method packages only through the system-type registry",
+        "collab.spec imports ['collab.latent.cli']; command modules are reached only through collab.cli's COMMAND_MODULES",
+    ]
+
+
+def test_command_modules_are_named_cli() -> None:
+    from collab.cli import COMMAND_MODULES
+
+    assert all(_is_cli(m) for m in COMMAND_MODULES), COMMAND_MODULES
+    core_cli = sorted(m for m in _modules() if m.startswith("collab.") and _is_cli(m) and m != "collab.cli")
+    assert set(core_cli) <= set(COMMAND_MODULES), f"{core_cli}: a command module in the core that collab.cli does not register"
 
 
 def test_resolving_a_domain_expert_loads_no_cli() -> None:

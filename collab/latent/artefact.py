@@ -14,11 +14,11 @@ No pickle; ``read_config`` imports no torch, so a spec can be validated cheaply.
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from collab.artefacts import ArtefactKind, from_known_fields, read_artefact_config
 from collab.errors import CollabError
 
 if TYPE_CHECKING:
@@ -28,6 +28,10 @@ if TYPE_CHECKING:
 ARTEFACT_TYPE = "mot"
 ARTEFACT_VERSION = 1
 WEIGHTS_FILE = "weights.safetensors"
+KIND = ArtefactKind(
+    ARTEFACT_TYPE, ARTEFACT_VERSION, ("experts", "stacks", "top_k", "latent_dim", "heads", "encoder"),
+    noun="mixture", description="a Mixture-of-Thoughts checkpoint", train_command="collab latent train",
+)
 
 
 class LatentArtefactError(CollabError):
@@ -65,29 +69,11 @@ class LatentConfig:
 
 def read_config(path: str | Path) -> LatentConfig:
     """The mixture's ``config.json``, checked; LatentArtefactError naming the file otherwise."""
-    d = Path(path)
-    cfg = d / "config.json"
-    if not d.is_dir():
-        raise LatentArtefactError(f"{d}: mixture directory not found (train one with: collab latent train)")
-    if not cfg.is_file():
-        raise LatentArtefactError(f"{d}: no config.json (not a trained mixture; train one with: collab latent train)")
-    try:
-        raw = json.loads(cfg.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise LatentArtefactError(f"{cfg}: not valid JSON ({e.msg} at line {e.lineno})") from e
-    if not isinstance(raw, dict) or raw.get("type") != ARTEFACT_TYPE:
-        found = raw.get("type") if isinstance(raw, dict) else type(raw).__name__
-        raise LatentArtefactError(f"{cfg}: type: expected '{ARTEFACT_TYPE}' (a Mixture-of-Thoughts checkpoint), found {found!r}")
-    if raw.get("version") != ARTEFACT_VERSION:
-        raise LatentArtefactError(f"{cfg}: version: this collab reads version {ARTEFACT_VERSION}, found {raw.get('version')!r}")
-    for key in ("experts", "stacks", "top_k", "latent_dim", "heads", "encoder"):
-        if key not in raw:
-            raise LatentArtefactError(f"{cfg}: {key}: missing")
+    cfg, raw = read_artefact_config(path, KIND, LatentArtefactError)
     experts = raw["experts"]
     if not isinstance(experts, list) or len(experts) < 2 or not all(isinstance(e, dict) and "name" in e for e in experts):
         raise LatentArtefactError(f"{cfg}: experts: expected a list of at least two {{name, ref, ...}}, found {experts!r}")
-    known = set(LatentConfig.__dataclass_fields__)
-    return LatentConfig(**{k: v for k, v in raw.items() if k in known})
+    return from_known_fields(LatentConfig, raw)
 
 
 def save_mixture(target: Path, router: "LatentRouter", interactions: "Interactions", config: LatentConfig) -> None:

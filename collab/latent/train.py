@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,6 +41,7 @@ from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 from collab.errors import CollabError, Interrupted
 from collab.latent.data import Conversation, Conversations
+from collab.training import TrainingCheckpoint, batch_order, load_expert
 
 if TYPE_CHECKING:
     import torch
@@ -51,6 +51,7 @@ if TYPE_CHECKING:
 
 #: progress(phase, done, total, loss or None), phase "scoring" or "training"
 Progress = Callable[[str, int, int, "float | None"], None]
+SCORES_FILE = "scores.safetensors"
 
 
 @dataclass
@@ -114,76 +115,9 @@ class LatentTrainConfig:
                 raise CollabError(f"--{key.replace('_', '-')}: expected a number >= 0, found {getattr(self, key)!r}")
 
 
-def _order(step: int, n: int, batch_size: int, seed: int) -> list[int]:
-    """The conversations of ``step``: a seeded shuffle per epoch (a resumed run sees the same batches)."""
-    import random
-
-    per_epoch = max(1, n // batch_size)
-    epoch, offset = divmod(step, per_epoch)
-    order = list(range(n))
-    random.Random(f"{seed}:mot:{epoch}").shuffle(order)
-    return order[offset * batch_size : (offset + 1) * batch_size] or order[:batch_size]
-
-
-class _Checkpoint:
-    """The hidden directory beside the output where an interrupted run resumes."""
-
-    def __init__(self, out: Path, fingerprint: str) -> None:
-        self.dir = out.parent / f".{out.name}.checkpoint"
-        self.fingerprint = fingerprint
-
-    @property
-    def scores_path(self) -> Path:
-        return self.dir / "scores.safetensors"
-
-    def state(self) -> dict[str, Any] | None:
-        path = self.dir / "state.json"
-        if not path.is_file():
-            return None
-        state = json.loads(path.read_text())
-        if state.get("fingerprint") != self.fingerprint:
-            raise CollabError(
-                f"{self.dir}: a checkpoint of a run with other settings, experts or data; rerun with the same ones to resume, or delete it to start over"
-            )
-        return state
-
-    def save(self, state: dict[str, Any], modules: dict[str, Any], optimizer: Any) -> None:
-        import torch
-        from safetensors.torch import save_file
-
-        from collab.io import atomic_write_json
-
-        self.dir.mkdir(parents=True, exist_ok=True)
-        tensors = {f"{name}.{k}": v.detach().clone() for name, mod in modules.items() for k, v in mod.state_dict().items()}
-        for i, st in optimizer.state_dict()["state"].items():
-            for k, v in st.items():
-                tensors[f"optimizer.{i}.{k}"] = v.detach().clone() if torch.is_tensor(v) else torch.tensor(float(v))
-        tmp = self.dir / "weights.safetensors.tmp"
-        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
-        tmp.replace(self.dir / "weights.safetensors")
-        atomic_write_json(self.dir / "state.json", {**state, "fingerprint": self.fingerprint})
-
-    def restore(self, modules: dict[str, Any], optimizer: Any) -> None:
-        from safetensors.torch import load_file
-
-        tensors = load_file(str(self.dir / "weights.safetensors"))
-        for name, mod in modules.items():
-            mod.load_state_dict({k[len(name) + 1 :]: v for k, v in tensors.items() if k.startswith(name + ".")})
-        sd = optimizer.state_dict()
-        for key, v in tensors.items():
-            if key.startswith("optimizer."):
-                _, i, k = key.split(".", 2)
-                sd["state"].setdefault(int(i), {})[k] = v
-        optimizer.load_state_dict(sd)
-
-    def remove(self) -> None:
-        shutil.rmtree(self.dir, ignore_errors=True)
-
-
-def _expert(ref: "str | Expert") -> "Expert":
-    from collab.experts import Expert
-
-    return ref if isinstance(ref, Expert) else Expert.load(ref)
+def _tensors(modules: dict[str, Any]) -> dict[str, "torch.Tensor"]:
+    """The trained modules' tensors, under ``MODULE.KEY`` (what the checkpoint holds)."""
+    return {f"{name}.{k}": v for name, mod in modules.items() for k, v in mod.state_dict().items()}
 
 
 def _answer_nll(logits: "torch.Tensor", answers: Sequence[Sequence[int]]) -> "torch.Tensor":
@@ -265,7 +199,7 @@ def train_latent(
     if config.top_k > len(experts):
         raise CollabError(f"--top-k: expected at most {len(experts)} (the number of experts), found {config.top_k}")
     t0 = time.perf_counter()
-    es = [_expert(e) for e in experts]
+    es = [load_expert(e) for e in experts]
     names = [e.name for e in es]
     if len(set(names)) != len(names):
         raise CollabError(f"--experts: two experts share a name ({', '.join(names)}); give each its own")
@@ -279,24 +213,22 @@ def train_latent(
     identities = [{"name": e.name, "ref": e.ref or e.name} for e in es]
     settings = {k: v for k, v in dataclasses.asdict(config).items() if k != "checkpoint_every"}
     fingerprint = sha256_text(json.dumps([settings, identities, enc.config(), convs.sha256], sort_keys=True))
-    ckpt = _Checkpoint(out, fingerprint)
+    ckpt = TrainingCheckpoint(out, fingerprint)
     state = ckpt.state() or {"step": 0, "losses": []}
 
     frozen = [(p, p.requires_grad) for e in es for p in e.model.parameters()]
     for p, _ in frozen:
         p.requires_grad_(False)
     try:
-        if ckpt.scores_path.is_file():
+        if ckpt.path(SCORES_FILE).is_file():
             from safetensors.torch import load_file
 
-            nll = load_file(str(ckpt.scores_path))["nll"]
+            nll = load_file(str(ckpt.path(SCORES_FILE)))["nll"]
         else:
             nll = score_experts(es, items, batch_size=min(config.batch_size, 16), progress=progress)
             from safetensors.torch import save_file
 
-            ckpt.dir.mkdir(parents=True, exist_ok=True)
-            save_file({"nll": nll.contiguous()}, str(ckpt.dir / "scores.tmp"))
-            (ckpt.dir / "scores.tmp").replace(ckpt.scores_path)
+            ckpt.write(SCORES_FILE, lambda path: save_file({"nll": nll.contiguous()}, str(path)))
         z = enc.encode(convs.queries())  # (N, dim), frozen
 
         torch.manual_seed(config.seed)
@@ -313,14 +245,16 @@ def train_latent(
         opt = torch.optim.AdamW(groups, weight_decay=0.0)
         modules = {"router": router, "interactions": interactions}
         if state["step"] > 0:
-            ckpt.restore(modules, opt)
+            tensors = ckpt.restore(opt)
+            for name, mod in modules.items():
+                mod.load_state_dict({k[len(name) + 1 :]: v for k, v in tensors.items() if k.startswith(name + ".")})
         trainable = [p for g in groups for p in g["params"]]
         n_conv = len(convs.items)
         step = start = state["step"]
         try:
             while step < config.steps:
                 torch.manual_seed(hash((config.seed, step)) % (2**31))  # dropout: the same per step, resumed or not
-                idx = _order(step, n_conv, config.batch_size, config.seed)
+                idx = batch_order(step, n_conv, config.batch_size, config.seed, "mot")
                 parts = _step_loss(config, es, items, interactions, router, z[idx].to(device), nll[idx].to(device), idx)
                 loss = parts["loss"]
                 loss.backward()
@@ -333,11 +267,11 @@ def train_latent(
                 if progress is not None:
                     progress("training", step, config.steps, state["losses"][-1]["loss"])
                 if step % config.checkpoint_every == 0 and step < config.steps:
-                    ckpt.save(state, modules, opt)
+                    ckpt.save(state, _tensors(modules), opt)
                 if stop_after is not None and step - start >= stop_after and step < config.steps:
                     raise KeyboardInterrupt
         except KeyboardInterrupt as e:
-            ckpt.save(state, modules, opt)
+            ckpt.save(state, _tensors(modules), opt)
             raise Interrupted(
                 f"training stopped after step {step} of {config.steps}; the checkpoint is in {ckpt.dir}: rerun the same command to resume"
             ) from e

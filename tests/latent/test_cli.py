@@ -55,19 +55,61 @@ def test_cli_trains_and_resumes(tmp_path: Path, mot_dirs: list[Path], data_file:
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["--data", "DATA", "--out", "OUT"], "--experts: required"),
-        (["--experts", "EXPERTS", "--out", "OUT"], "--data: required"),
-        (["--experts", "EXPERTS", "--data", "DATA", "--out", "OUT", "--steps", "-1"], "--steps: expected an integer >= 0"),
         (["--experts", "EXPERTS", "--data", "DATA", "--out", "OUT", "--top-k", "3"], "--top-k: expected at most 2"),
+        (["--experts", "EXPERTS", "--data", "DATA", "--out", "OUT", "--latent-dim", "15", "--heads", "2"], "--latent-dim: 15 is not divisible by --heads 2"),
+        (["--experts", "EXPERTS", "--data", "DATA", "--out", "OUT", "--lr", "0"], "--lr: expected a positive number"),
+        (["--experts", "ONE", "--data", "DATA", "--out", "OUT"], "--experts: expected at least two experts, found 1"),
     ],
 )
 def test_cli_names_bad_options(tmp_path: Path, mot_dirs: list[Path], data_file: Path, args: list[str], message: str) -> None:
     from typer.testing import CliRunner
 
-    values = {"EXPERTS": f"{mot_dirs[0]},{mot_dirs[1]}", "DATA": str(data_file), "OUT": str(tmp_path / "o")}
+    values = {"EXPERTS": f"{mot_dirs[0]},{mot_dirs[1]}", "ONE": str(mot_dirs[0]), "DATA": str(data_file), "OUT": str(tmp_path / "o")}
     res = CliRunner().invoke(_app(), ["latent", "train", *[values.get(a, a) for a in args], "--encoder", "ngram", "--quiet"])
     assert isinstance(res.exception, CollabError) and message in str(res.exception), res.output
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize(
+    ("args", "option"),
+    [
+        (["--data", "d.jsonl", "--out", "o"], "--experts"),
+        (["--experts", "a,b", "--out", "o"], "--data"),
+        (["--experts", "a,b", "--data", "d.jsonl"], "--out"),
+        (["--experts", "a,b", "--data", "d.jsonl", "--out", "o", "--steps", "-1"], "--steps"),
+        (["--experts", "a,b", "--data", "d.jsonl", "--out", "o", "--max-answer-tokens", "1"], "--max-answer-tokens"),
+        (["--experts", "a,b", "--data", "d.jsonl", "--out", "o", "--balance-weight", "-0.5"], "--balance-weight"),
+    ],
+)
+def test_cli_usage_errors_name_the_option_before_loading_anything(tmp_path: Path, args: list[str], option: str) -> None:
+    """Missing options and values out of range stop at parsing: exit 2, the option named."""
+    from typer.testing import CliRunner
+
+    res = CliRunner().invoke(_app(), ["latent", "train", *args], env={"COLUMNS": "200"})
+    assert res.exit_code == 2 and f"'{option}'" in res.output, res.output
+
+
+def test_train_help_documents_every_option() -> None:
+    import inspect
+
+    import typer.main
+    from typer.testing import CliRunner
+
+    from collab.latent.cli import train
+    from collab.latent.train import LatentTrainConfig
+
+    app = _app()
+    res = CliRunner().invoke(app, ["latent", "train", "--help"], env={"COLUMNS": "240"})
+    assert res.exit_code == 0, res.output
+    command = typer.main.get_command(app).commands["latent"].commands["train"]  # type: ignore[attr-defined]
+    options = [p for p in command.params if p.name != "help"]
+    assert len(options) == 22
+    for option in options:
+        assert option.help, f"{option.opts[0]} has no help"
+        assert option.opts[0] in res.output, option.opts[0]
+    defaults = LatentTrainConfig()
+    for name in ("top_k", "stacks", "steps", "batch_size", "latent_dim", "heads", "encoder", "lr", "gate_lr", "router_lr", "checkpoint_every", "seed"):
+        assert inspect.signature(train).parameters[name].default == getattr(defaults, name), name  # the CLI's defaults are the library's
 
 
 def test_collab_cli_lists_latent_train() -> None:

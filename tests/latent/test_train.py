@@ -180,3 +180,14 @@ def test_scoring_gives_each_experts_own_log_likelihood(mot_experts: list[Any]) -
     for m, e in enumerate(experts):
         want = [-ll for ll, _ in e.loglikelihood_batch(pairs, share_context=False)]
         assert nll[:, m].tolist() == pytest.approx(want, abs=1e-4)
+
+
+def test_training_asks_transformers_for_nothing_deprecated(tmp_path: Path, mot_experts: list[Any], data_file: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Whole-row passes without a KV cache (scoring, the primary's loss) must not
+    ask the output for its cache by the old name: transformers warns once per process."""
+    from transformers.utils import generic
+
+    said: list[str] = []
+    monkeypatch.setattr(generic.logger, "warning_once", lambda msg, *a, **k: said.append(str(msg)))
+    train_latent(mot_experts[:2], str(data_file), tmp_path / "mot", LatentTrainConfig(**{**SMALL, "steps": 2, "examples": 8}))
+    assert not [m for m in said if "deprecated" in m], said
