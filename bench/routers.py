@@ -12,6 +12,14 @@ and with the guard calibrated for the worst held-out training task:
 
     .venv/bin/python bench/routers.py --skip-quality --skip-routellm --skip-latency --loto-routers ensemble,guarded:objective=minimax
 
+Shift-aware figures (random, grouped and reweighted-mix splits; --router auto nested):
+
+    .venv/bin/python bench/routers.py --skip-quality --skip-loto --skip-routellm --skip-latency --shift
+
+and label-free prior adaptation (`route adapt`) on simulated shifts:
+
+    .venv/bin/python bench/routers.py --skip-quality --skip-loto --skip-routellm --skip-latency --adapt partition:select=false
+
 Prints Markdown tables (results for docs/benchmarks.md) and writes them to
 runs/bench-routers.json.
 """
@@ -158,7 +166,8 @@ def loto(seed: int = 0, routers: tuple[str, ...] = ("ensemble", "partition")) ->
     """Train on every task but one, test on the held-out task. The reference is the expert
     that was best on the *training* tasks (what a fixed choice made without the task would
     do); 'test_best_single' (best on the held-out task itself) is shown for context.
-    Routers are 'key', 'key:option=value:...' (e.g. 'guarded:base=ensemble') or a name of
+    Routers are 'key', 'key:option=value:...' (e.g. 'guarded:base=ensemble'), 'auto'
+    (``--router auto``, choosing on the training tasks only) or a name of
     the quality table's ROUTERS (e.g. 'guarded knn minilm+lm (minimax)'); every
     router after the first is also compared with the first (paired, same queries)."""
     from collab.stats import bootstrap_ci
@@ -176,7 +185,13 @@ def loto(seed: int = 0, routers: tuple[str, ...] = ("ensemble", "partition")) ->
             key, opts = ROUTERS[spec] if spec in ROUTERS else parse_member(spec)
             opts = dict(opts)
             t0 = time.perf_counter()
-            r = make_router(key, seed=seed, **opts).fit(tr)
+            if spec == "auto":  # --router auto, choosing on the six training tasks only
+                from routers.auto import select_router
+
+                r = select_router(tr, seed=seed)
+                print(f"loto {task:12s} auto chose {r.meta['auto']['chosen']}", file=sys.stderr, flush=True)
+            else:
+                r = make_router(key, seed=seed, **opts).fit(tr)
             if key == "guarded":
                 pred, notes = r.explain(te.prompts)
                 guarded_share = float(np.mean([n.get("weight", 1.0) < 1.0 for n in notes]))
@@ -204,6 +219,116 @@ def loto(seed: int = 0, routers: tuple[str, ...] = ("ensemble", "partition")) ->
             pooled[f"vs_{routers[0]}"] = {"delta": m2, "delta_low": lo2, "delta_high": hi2}
         out.append(pooled)
         print(f"loto pooled {spec} delta {m:+.4f} [{lo:+.4f}, {hi:+.4f}]", file=sys.stderr, flush=True)
+    return out
+
+
+#: Rows of the shift-aware table: name -> (key, options). LM-encoder rows are left out (SmolLM2
+#: over 5,608 prompts is ~40 min on this CPU); their figures are in the random-split table.
+SHIFT_ROUTERS = {
+    "best-single": ("best-single", {}),
+    "knn (tfidf, k=40)": ("knn", {"encoder": "tfidf", "k": 40}),
+    "knn (minilm, k=100)": ("knn", {}),
+    "knn (minilm+tfidf, k=100)": ("knn", {"encoder": "minilm+tfidf"}),
+    "knn (minilm+tfidf, pls 16, pca 128)": ("knn", {"encoder": "minilm+tfidf", "project": 16, "reduce": 128}),
+    "mlp (minilm+tfidf, default)": ("mlp", {}),
+    "partition (grid chosen on validation, default)": ("partition", {}),
+    "partition (select=false)": ("partition", {"select": False}),
+    "classifier (MLP 128-64 on minilm, ties to best mean)": ("classifier", {}),
+    "classifier (ties to first listed)": ("classifier", {"ties": "first"}),
+}
+
+
+def shift(seeds: tuple[int, ...] = (1, 2, 3), routers: tuple[str, ...] = tuple(SHIFT_ROUTERS), auto: bool = True) -> dict:
+    """Shift-aware figures beside the random-split ones, for every router row and for
+    ``--router auto`` (nested: it selects on each outer training part only).
+
+    Per seed: a random 80/20 split stratified by task; a grouped 80/20 split (one fold of
+    ``routers.auto.grouped_folds`` over near-duplicate groups, MiniLM cosine >= 0.9, so no
+    near-duplicate spans the two sides); the grouped test part reweighted to the tilted
+    task mixes (each task in turn given half the weight; mean and worst over mixes).
+    Figures: share of the best-single-to-oracle gap closed, best single chosen on the
+    (weighted) test rows, as ``route eval`` does."""
+    from routers.auto import gap_closed, grouped_folds, near_duplicate_groups, select_router, tilted_mixes
+    from routers.encoders import minilm
+
+    table = from_llmrouter()
+    groups = near_duplicate_groups(minilm().encode(table.prompts), 0.9)
+    names = [*routers] + (["auto"] if auto else [])
+    per: dict[str, dict[str, list]] = {n: {"random": [], "grouped": [], "reweighted": [], "reweighted_worst": [], "chosen": []} for n in names}
+    for seed in seeds:
+        splits = {"random": table.split(0.2, seed)}
+        tr_i, te_i = grouped_folds(table.tasks, groups, 5, seed)[0]
+        splits["grouped"] = (table.subset(tr_i), table.subset(te_i))
+        for kind, (tr, te) in splits.items():
+            mixes = tilted_mixes(te.tasks)
+            for name in names:
+                t0 = time.perf_counter()
+                if name == "auto":
+                    r = select_router(tr, seed=seed)
+                    per[name]["chosen"].append({"split": kind, "seed": seed, "chosen": r.meta["auto"]["chosen"], "inner": {c["name"]: round(c["score"], 4) for c in r.meta["auto"]["candidates"]}})
+                else:
+                    key, opts = SHIFT_ROUTERS[name]
+                    r = make_router(key, seed=seed, **opts).fit(tr)
+                routed = te.scores[np.arange(len(te)), r.predict(te.prompts).argmax(axis=1)]
+                per[name][kind].append(gap_closed(routed, te.scores))
+                if kind == "grouped":
+                    g = [gap_closed(routed, te.scores, w) for _, w in mixes]
+                    per[name]["reweighted"].append(float(np.mean(g)))
+                    per[name]["reweighted_worst"].append(float(min(g)))
+                extra = f" chose {per[name]['chosen'][-1]['chosen']}" if name == "auto" else ""
+                print(f"shift seed {seed} {kind:8s} {name:52s} gap {per[name][kind][-1]:+.3f}" + (f" reweighted {per[name]['reweighted'][-1]:+.3f} worst {per[name]['reweighted_worst'][-1]:+.3f}" if kind == "grouped" else "") + f" {time.perf_counter() - t0:.0f}s{extra}", file=sys.stderr, flush=True)
+    rows = []
+    for n in names:
+        row = {"router": n, "seeds": list(seeds)}
+        for k in ("random", "grouped", "reweighted", "reweighted_worst"):
+            row[k] = float(np.mean(per[n][k]))
+            row[f"{k}_sd"] = float(np.std(per[n][k]))
+            row[f"per_seed_{k}"] = per[n][k]
+        if per[n]["chosen"]:
+            row["chosen"] = per[n]["chosen"]
+        rows.append(row)
+    return {"rows": rows, "near_duplicate_rows": int((np.bincount(groups)[groups] > 1).sum())}
+
+
+def adaptation(seed: int = 1, router: str = "partition:select=false", draws: int = 800) -> list[dict]:
+    """``route adapt`` on simulated shifts of a random split's test part: gap closed before and
+    after the EM prior adaptation (the labels only score; the EM sees prompts' predictions)."""
+    from routers.adapt import adapt, adjust
+    from routers.auto import gap_closed
+    from routers.learned import parse_member
+
+    table = from_llmrouter()
+    tr, te = table.split(0.2, seed)
+    key, opts = parse_member(router)
+    r = make_router(key, seed=seed, **opts).fit(tr)
+    r.meta["train_mean_scores"] = [float(v) for v in tr.scores.mean(0)]
+    pred = r.predict(te.prompts)
+    rng = np.random.default_rng(seed)
+    tasks = np.asarray(te.tasks)
+    shifts: list[tuple[str, np.ndarray]] = [("none", np.full(len(te), 1.0 / len(te)))]
+    for task in sorted(set(te.tasks)):
+        w = np.where(tasks == task, 0.5 / (tasks == task).mean(), 0.5 / (tasks != task).mean())
+        shifts.append((f"task mix: half {task}", w / w.sum()))
+    for beta in (2.0, 4.0):
+        w = np.exp(-beta * te.scores.mean(1))
+        shifts.append((f"harder (weight exp(-{beta:g} x mean score))", w / w.sum()))
+    best = int(tr.scores.mean(0).argmax())
+    w = np.where(te.scores[:, best] > 0.5, 0.3, 1.0)
+    shifts.append((f"best expert right less often ({table.experts[best]})", w / w.sum()))
+    out = []
+    for name, w in shifts:
+        idx = rng.choice(len(te), draws, p=w)
+        s = te.scores[idx]
+        g0 = gap_closed(s[np.arange(len(s)), pred[idx].argmax(1)], s)
+        moved = float(np.abs(s.mean(0) - tr.scores.mean(0)).max())
+        row = {"shift": name, "true_max_prior_change": moved, "gap_before": g0}
+        for label, strength in (("em", 0.0), ("map", float(len(tr)))):
+            ar = adapt(r, [te.prompts[i] for i in idx], strength=strength)
+            adj = adjust(pred[idx], ar.train_priors, ar.priors, ar.config.mode) if ar.applied else pred[idx]
+            est = max(abs(v["change"]) for v in ar.meta["adapted"]["priors"].values())
+            row[label] = {"estimated_max_prior_change": est, "applied": ar.applied, "gap_after": gap_closed(s[np.arange(len(s)), adj.argmax(1)], s)}
+        out.append(row)
+        print(f"adapt {name:52s} true max change {moved:.2f} gap {g0:+.3f}; EM: est {row['em']['estimated_max_prior_change']:.2f} -> {row['em']['gap_after']:+.3f}; MAP (strength {len(tr)}): est {row['map']['estimated_max_prior_change']:.2f} -> {row['map']['gap_after']:+.3f}", file=sys.stderr, flush=True)
     return out
 
 
@@ -348,6 +473,11 @@ def main() -> None:
     ap.add_argument("--device", default="cpu", help="where MiniLM runs in the latency part: cpu, cuda, auto")
     ap.add_argument("--minilm", default="zoo:minilm-l6", help="sentence-transformers directory for the latency part (default: the zoo's MiniLM)")
     ap.add_argument("--table", default=None, help="LLMRouter train.json for the latency part (default: the copy shipped in routers/data/routing/llmrouter/)")
+    ap.add_argument("--shift", action="store_true", help="shift-aware figures: random, grouped and reweighted-mix gap closed per router, and --router auto (nested)")
+    ap.add_argument("--shift-seeds", default="1,2,3")
+    ap.add_argument("--shift-routers", default="", help="names of SHIFT_ROUTERS joined by ';' (default all)")
+    ap.add_argument("--no-auto", action="store_true", help="leave --router auto out of the shift table")
+    ap.add_argument("--adapt", default="", help="route adapt on simulated shifts around this router spec, e.g. 'partition:select=false'")
     ap.add_argument("--out", default="runs/bench-routers.json")
     a = ap.parse_args()
     out: dict = {}
@@ -361,6 +491,10 @@ def main() -> None:
         out["loto"] = loto(seed=a.loto_seed, routers=tuple(x for x in a.loto_routers.split(";" if ";" in a.loto_routers else ",") if x.strip()))
     if not a.skip_routellm:
         out["routellm"] = routellm(a.seeds, tuple(a.routellm_routers.split(",")), tuple(a.routellm_tables.split(",")))
+    if a.shift:
+        out["shift"] = shift(tuple(int(x) for x in a.shift_seeds.split(",")), tuple(x for x in a.shift_routers.split(";") if x) or tuple(SHIFT_ROUTERS), not a.no_auto)
+    if a.adapt:
+        out.setdefault("adapt", {})[a.adapt] = adaptation(router=a.adapt)
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     prev = json.loads(Path(a.out).read_text()) if Path(a.out).is_file() else {}
     prev.update(out)

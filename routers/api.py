@@ -39,6 +39,10 @@ def check_output_dir(out: str | os.PathLike[str], overwrite: bool) -> Path:
     return p
 
 
+#: ``--router`` value (and the CLI's default) that chooses the router kind by simulated shift.
+AUTO = "auto"
+
+
 def train_router(
     data: Sequence[str],
     router: str,
@@ -48,24 +52,39 @@ def train_router(
     seed: int = 0,
     device: str = "cpu",
     overwrite: bool = False,
+    log: Any = None,
 ) -> tuple[Router, RoutingTable | None]:
     """Train ``router`` on the tables ``data`` (paths or shorthands) and save it to ``out``.
 
     With ``test_size > 0`` a stratified share of queries is held out; it is returned
     (and its query ids written to ``out/heldout_ids.txt``) for an honest ``eval``.
     ``device`` runs the neural encoders (and the bert router's fine-tuning) there.
+    ``router='auto'`` chooses the kind by the shift-simulating protocol of ``routers.auto``
+    (on the training part only), reporting each candidate's figures through ``log``.
     An existing ``out`` is an error unless ``overwrite``; the directory appears (or is
     replaced) only once everything is written."""
     from collab.io import atomic_directory
 
     out = check_output_dir(out, overwrite)
-    r = make_router(router, seed=seed, **(options or {}))  # refuse bad options before loading data
+    if router == AUTO:
+        if options:
+            raise RouterError(f"--router auto: takes no -o options (found '{next(iter(options))}'); it chooses among fixed candidates (routers.auto.CANDIDATES); name a router kind to set its options")
+        r = None
+    else:
+        r = make_router(router, seed=seed, **(options or {}))  # refuse bad options before loading data
     table = load_tables(data)
     held: RoutingTable | None = None
     if test_size > 0:
         table, held = table.split(test_size, seed)
-    r.to(device)
-    r.fit(table)
+    if r is None:
+        from routers.auto import select_router
+        from routers.encoders import minilm
+
+        minilm().to(device)
+        r = select_router(table, seed=seed, log=log)  # on the training part only: the held-out rows stay unseen
+    else:
+        r.to(device)
+        r.fit(table)
     r.meta.update({"train_queries": len(table), "train_sources": [describe_source(d) for d in data], "train_mean_scores": [float(x) for x in table.scores.mean(axis=0)], "train_mean_costs": [float(x) for x in table.costs.mean(axis=0)]})
     r.meta["heldout"] = {"test_size": test_size, "seed": seed, "queries": len(held)} if held is not None else None
     with atomic_directory(out, overwrite=overwrite) as tmp:
@@ -152,6 +171,9 @@ def evaluate_router(router_dir: str | os.PathLike[str], data: Sequence[str], plo
     pred = r.predict(table.prompts)
     ev = evaluate(table, pred, n_boot=n_boot)
     ev.data["router"] = r.key
+    for k in ("auto", "adapted"):  # how the router was chosen / adapted, shown by `route eval`
+        if k in r.meta:
+            ev.data[k] = r.meta[k]
     ev.data["router_dir"] = str(router_dir)
     ev.data["data"] = [str(d) for d in data]
     ev.data["rows"] = rows

@@ -52,8 +52,8 @@ def _parse_options(options: list[str] | None) -> dict[str, Any]:
 @route_app.command("train")
 def train(
     data: Annotated[list[str], typer.Option("--data", help=_DATA_HELP)],
-    router: Annotated[str, typer.Option("--router", help="Router kind: knn, logreg, mlp, mf, subject, bert, ensemble, partition, guarded, best-single, random, oracle.")],
     out: Annotated[str, typer.Option("--out", help="Directory to write the trained router to.")],
+    router: Annotated[str, typer.Option("--router", help="Router kind: auto (default: chosen by validation under simulated shift), classifier, knn, logreg, mlp, mf, subject, bert, ensemble, partition, guarded, best-single, random, oracle.")] = "auto",
     option: Annotated[Optional[list[str]], typer.Option("--option", "-o", help="Router option KEY=VALUE, e.g. -o k=40 -o encoder=tfidf (repeatable).")] = None,
     test_size: Annotated[float, typer.Option(help="Hold out this share of queries (stratified by task) for `route eval`.")] = 0.0,
     seed: Annotated[int, typer.Option(help="Seed for the split and training.")] = 0,
@@ -64,7 +64,9 @@ def train(
     from routers.api import train_router
 
     with _warnings_as_lines():
-        r, held = train_router(data, router, out, _parse_options(option), test_size=test_size, seed=seed, device=device, overwrite=overwrite)
+        r, held = train_router(data, router, out, _parse_options(option), test_size=test_size, seed=seed, device=device, overwrite=overwrite, log=lambda m: typer.echo(m, err=True))
+    if "auto" in r.meta:
+        typer.echo(f"auto: chose {r.meta['auto']['chosen']}: {r.meta['auto']['reason']}")
     msg = f"trained {r.key} router on {r.meta['train_queries']} queries, experts: {', '.join(r.experts)} -> {out}"
     if held is not None:
         msg += f" ({len(held)} held out for eval)"
@@ -112,10 +114,45 @@ def evaluate(
     )
     if "apgr" in d:
         console.print(f"strong {d['strong']}, weak {d['weak']}: APGR {d['apgr']:.3f} (random {d['random_apgr']:.3f}), CPT(50%) {d['cpt50']:.1%}, CPT(80%) {d['cpt80']:.1%}")
+    if d.get("auto"):
+        a = d["auto"]
+        console.print(f"chosen by --router auto: {a['chosen']} ({a['reason']})")
+        ct = Table(title="auto: validation under simulated shift, on the training table (share of the best-single-to-oracle gap closed)")
+        for col in ("candidate", "grouped", "reweighted mix", "worst mix", "leave-one-task-out", "mean"):
+            ct.add_column(col)
+        pct = lambda c, k: f"{c[k]:.1%}" if k in c else "-"  # noqa: E731
+        for c in a["candidates"]:
+            ct.add_row(("* " if c["name"] == a["chosen"] else "") + c["name"], pct(c, "grouped"), pct(c, "reweighted"), pct(c, "reweighted_worst"), pct(c, "loto"), pct(c, "score"))
+        console.print(ct)
+    if d.get("adapted"):
+        a = d["adapted"]
+        console.print(f"adapted ({a['method']}) on {a['prompts']} prompts: {a['reason']}")
+        console.print("  " + ", ".join(f"{e} {v['train']:.3f} -> {v['new']:.3f}" for e, v in a["priors"].items()))
     for n in d.get("notes", []):
         console.print(f"[yellow]note:[/] {n}")
     if plot:
         console.print(f"curve written to {plot}")
+
+
+@route_app.command("adapt")
+def adapt(
+    router: Annotated[str, typer.Option("--router", help="A trained router directory.")],
+    prompts: Annotated[str, typer.Option("--prompts", help="JSONL of the new traffic's prompts, one {\"prompt\": ...} per line (no labels needed).")],
+    out: Annotated[str, typer.Option("--out", help="Directory to write the adapted router to.")],
+    min_change: Annotated[float, typer.Option(help="Adjust only if some expert's estimated prior moved by at least this much.")] = 0.02,
+    strength: Annotated[Optional[float], typer.Option(help="Pseudo-observations of the training rates in the EM (a MAP estimate); default: the router's training queries; 0: plain EM.")] = None,
+    device: Annotated[str, typer.Option(help=_DEVICE_HELP)] = "cpu",
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace --out if it is a trained router directory.")] = False,
+) -> None:
+    """Re-estimate, without labels, how often each expert is right on new prompts (EM, Saerens et al. 2002) and adjust the router's predictions to it."""
+    from routers.adapt import adapt_router
+
+    with _warnings_as_lines():
+        ar = adapt_router(router, prompts, out, min_change=min_change, overwrite=overwrite, device=device, strength=strength)
+    a = ar.meta["adapted"]
+    typer.echo(f"adapted {a['base']} router on {a['prompts']} prompts ({a['iterations']} EM iterations): {a['reason']} -> {out}")
+    for e, v in a["priors"].items():
+        typer.echo(f"  {e:40s} {v['train']:.4f} -> {v['new']:.4f} ({v['change']:+.4f})")
 
 
 @route_app.command("ask")

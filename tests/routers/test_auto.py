@@ -1,0 +1,276 @@
+"""--router auto (shift-simulating selection), the best-expert classifier and prior adaptation."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from collab.cli import app
+from routers.adapt import AdaptedRouter, adapt, adjust, em_priors, read_prompts
+from routers.auto import (
+    ShiftProtocol,
+    best_expert_labels,
+    gap_closed,
+    grouped_folds,
+    near_duplicate_groups,
+    select_router,
+    tilted_mixes,
+)
+from routers.base import Router, RouterError, make_router
+from routers.table import RoutingTable
+
+runner = CliRunner()
+
+# Candidates on TF-IDF only, so these tests need no MiniLM.
+TFIDF_CANDIDATES = (
+    ("classifier", "classifier", {"encoder": "tfidf", "hidden": (16,)}),
+    ("knn", "knn", {"encoder": "tfidf", "k": 10}),
+    ("best-single", "best-single", {}),
+)
+TFIDF_PROTOCOL = ShiftProtocol(folds=3, dup_encoder="tfidf")
+
+
+def test_best_expert_labels_break_ties_toward_the_best_mean() -> None:
+    # expert means: a 0.25, b 0.75, c 0.5 -> ties go to b, then c, then a
+    s = np.array([[1.0, 1.0, 0.0], [0.0, 0.0, 0.0], [0.0, 1.0, 1.0], [0.0, 1.0, 1.0], [0.0, 0.5, 0.5], [0.0, 0.0, 0.5]])
+    s[1] = [0.0, 0.0, 0.0]
+    assert list(best_expert_labels(s)) == [1, 1, 1, 1, 1, 2]
+    assert list(best_expert_labels(s, "first")) == [0, 0, 1, 1, 1, 2]
+    with pytest.raises(RouterError, match="ties: expected 'best-mean' or 'first', found 'x'"):
+        best_expert_labels(s, "x")
+
+
+def test_classifier_router_routes_and_round_trips(synth_table: RoutingTable, tmp_path: Path) -> None:
+    tr, te = synth_table.split(0.25, 0)
+    r = make_router("classifier", encoder="tfidf", hidden=[32]).fit(tr)
+    p = r.predict(te.prompts)
+    assert p.shape == (len(te), 2) and np.allclose(p.sum(axis=1), 1.0)
+    routed = te.scores[np.arange(len(te)), p.argmax(1)].mean()
+    assert routed > te.scores.mean(0).max() + 0.1
+    assert abs(sum(r.meta["label_priors"]) - 1.0) < 1e-9
+    r.save(tmp_path / "c")
+    back = Router.load(tmp_path / "c")
+    assert back.key == "classifier" and back.config.hidden == (32,)
+    np.testing.assert_allclose(back.predict(te.prompts), p, atol=1e-6)
+
+
+def test_near_duplicates_stay_on_one_side_of_every_fold() -> None:
+    rng = np.random.default_rng(0)
+    base = rng.normal(size=(30, 8))
+    x = np.concatenate([base, base[:10] + 1e-3 * rng.normal(size=(10, 8))])  # rows 30-39 duplicate 0-9
+    g = near_duplicate_groups(x, 0.99)
+    assert len(set(g)) == 30 and all(g[i] == g[30 + i] for i in range(10))
+    tasks = ["a"] * 20 + ["b"] * 10 + ["a"] * 10
+    folds = grouped_folds(tasks, g, 3, seed=0)
+    assert len(folds) == 3
+    seen = np.concatenate([va for _, va in folds])
+    assert sorted(seen) == list(range(40))
+    for tr, va in folds:
+        assert not set(g[tr]) & set(g[va])
+
+
+def test_tilted_mixes_give_each_task_half_the_weight() -> None:
+    tasks = ["a"] * 6 + ["b"] * 3 + ["c"] * 1
+    mixes = dict(tilted_mixes(tasks))
+    t = np.asarray(tasks)
+    for name, w in mixes.items():
+        assert w[t == name].sum() / w.sum() == pytest.approx(0.5)
+    # the other tasks keep their proportions: under the 'c' mix, a:b = 6:3
+    w = mixes["c"]
+    assert w[t == "a"].sum() / w[t == "b"].sum() == pytest.approx(2.0)
+    assert tilted_mixes(["a", "a"]) == []
+
+
+def test_gap_closed_under_weights() -> None:
+    scores = np.array([[1.0, 0.0], [0.0, 1.0], [1.0, 0.0], [1.0, 1.0]])
+    assert gap_closed(scores.max(1), scores) == pytest.approx(1.0)
+    assert gap_closed(scores[:, 0], scores) == pytest.approx(0.0)
+    # weighting row 1 up makes expert b the best single: routing to a everywhere is then below it
+    assert gap_closed(scores[:, 0], scores, np.array([1, 5, 1, 1])) < 0
+
+
+def test_select_router_records_the_protocol_and_picks_the_best_score(synth_table: RoutingTable, tmp_path: Path) -> None:
+    r = select_router(synth_table, seed=0, candidates=TFIDF_CANDIDATES, protocol=TFIDF_PROTOCOL)
+    a = r.meta["auto"]
+    assert [c["name"] for c in a["candidates"]] == ["classifier", "knn", "best-single"]
+    best = max(a["candidates"], key=lambda c: c["score"])
+    assert a["chosen"] == best["name"] and r.key == best["key"]
+    for c in a["candidates"]:
+        assert {"grouped", "reweighted", "reweighted_worst", "loto", "score"} <= set(c)
+        assert c["score"] == pytest.approx(np.mean([c["grouped"], c["reweighted"], c["loto"]]))
+    bs = next(c for c in a["candidates"] if c["name"] == "best-single")
+    assert bs["grouped"] == pytest.approx(0.0) and bs["loto"] == pytest.approx(0.0)
+    assert best["score"] > 0.3  # the synthetic table's experts are told apart by their words
+    assert a["protocol"]["folds"] == 3 and "criterion" in a["protocol"]
+    r.save(tmp_path / "r")
+    cfg = json.loads((tmp_path / "r" / "config.json").read_text())
+    assert cfg["meta"]["auto"]["chosen"] == a["chosen"]
+
+
+def test_auto_refuses_options(synth_path: Path, tmp_path: Path) -> None:
+    r = runner.invoke(app, ["route", "train", "--data", str(synth_path), "--out", str(tmp_path / "r"), "-o", "k=3"])
+    assert r.exit_code != 0
+    assert "--router auto: takes no -o options (found 'k')" in str(r.exception) + r.output
+
+
+# ------------------------------------------------------------ prior adaptation
+def _binary_posteriors(x: np.ndarray, prior: np.ndarray) -> np.ndarray:
+    """Exact P(y_j = 1 | x_j) for x_j ~ N(+1, 1) if y_j = 1 else N(-1, 1), under ``prior``."""
+    lr = np.exp(2.0 * x)  # N(x; 1, 1) / N(x; -1, 1)
+    return prior * lr / (prior * lr + (1 - prior))
+
+
+def test_em_recovers_known_priors_on_a_synthetic_shift() -> None:
+    rng = np.random.default_rng(0)
+    train_pri = np.array([0.7, 0.4, 0.2])
+    true_new = np.array([0.3, 0.6, 0.25])
+    n = 6000
+    y = rng.random((n, 3)) < true_new  # the new traffic's labels, never shown to the EM
+    x = np.where(y, 1.0, -1.0) + rng.normal(size=(n, 3))
+    pred = _binary_posteriors(x, train_pri)  # a calibrated router trained under train_pri
+    new, adjusted, iters = em_priors(pred, train_pri, "binary")
+    assert np.abs(new - true_new).max() < 0.03, new
+    assert iters > 1
+    # the adjusted posteriors are the exact ones under the true priors, up to the estimate's error
+    np.testing.assert_allclose(adjusted, _binary_posteriors(x, new), atol=1e-3)  # posteriors are clipped to [1e-4, 1 - 1e-4]
+    # MAP: training priors worth as many observations as the new prompts pull the estimate about halfway back
+    half, _, _ = em_priors(pred, train_pri, "binary", strength=n)
+    ratio = (half - train_pri) / (new - train_pri)
+    assert np.all((ratio > 0.3) & (ratio < 0.7)), ratio
+    # no shift: the estimate stays at the training priors
+    y0 = rng.random((n, 3)) < train_pri
+    x0 = np.where(y0, 1.0, -1.0) + rng.normal(size=(n, 3))
+    same, _, _ = em_priors(_binary_posteriors(x0, train_pri), train_pri)
+    assert np.abs(same - train_pri).max() < 0.03
+
+
+def test_em_recovers_multiclass_priors() -> None:
+    rng = np.random.default_rng(1)
+    means = np.array([[2.0, 0.0], [-1.0, 1.7], [-1.0, -1.7]])
+    train_pri, true_new = np.array([0.6, 0.3, 0.1]), np.array([0.2, 0.3, 0.5])
+    n = 6000
+    c = rng.choice(3, size=n, p=true_new)
+    x = means[c] + rng.normal(size=(n, 2))
+    lik = np.exp(-0.5 * ((x[:, None, :] - means[None]) ** 2).sum(-1))  # (n, 3)
+    post = lik * train_pri / (lik * train_pri).sum(1, keepdims=True)
+    new, adj, _ = em_priors(post, train_pri, "multiclass")
+    assert np.abs(new - true_new).max() < 0.03, new
+    np.testing.assert_allclose(adj.sum(1), 1.0)
+    # with the true priors the choice is Bayes-optimal under the shift: better than before
+    assert (adj.argmax(1) == c).mean() > (post.argmax(1) == c).mean()
+
+
+def test_adjust_is_identity_at_the_training_priors() -> None:
+    p = np.array([[0.2, 0.9], [0.6, 0.5]])
+    np.testing.assert_allclose(adjust(p, np.array([0.3, 0.7]), np.array([0.3, 0.7])), p, atol=1e-9)
+
+
+def test_read_prompts_errors(tmp_path: Path) -> None:
+    f = tmp_path / "p.jsonl"
+    f.write_text('{"prompt": "a"}\n\n{"text": "b"}\n')
+    with pytest.raises(RouterError, match=r"p.jsonl: line 3: field 'prompt': expected a non-empty string, found \['text'\]"):
+        read_prompts(f)
+    f.write_text('{"prompt": "a"}\nnot json\n')
+    with pytest.raises(RouterError, match="line 2: not valid JSON"):
+        read_prompts(f)
+    f.write_text('{"prompt": "a"}\n{"prompt": "b", "scores": {}}\n')
+    assert read_prompts(f) == ["a", "b"]
+
+
+def _shifted_rows(rows: list[dict], task: str, repeat: int) -> list[dict]:
+    """The rows of ``task`` repeated (new ids): traffic whose mix moved toward it."""
+    out = list(rows)
+    for k in range(repeat):
+        out += [r | {"id": f"{r['id']}-{k}"} for r in rows if r["task"] == task]
+    return out
+
+
+def test_route_adapt_cli_moves_priors_toward_the_new_mix(synth_path: Path, synth_table: RoutingTable, tmp_path: Path) -> None:
+    r = runner.invoke(app, ["route", "train", "--data", str(synth_path), "--router", "knn", "-o", "encoder=tfidf", "-o", "k=10", "--out", str(tmp_path / "r"), "--test-size", "0.25"])
+    assert r.exit_code == 0, r.output
+    # new traffic: history prompts only, where histy is right far more often than on the training mix
+    prompts = tmp_path / "new.jsonl"
+    hist = [p for p, t in zip(synth_table.prompts, synth_table.tasks) if t == "history"]
+    prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in hist))
+    r = runner.invoke(app, ["route", "adapt", "--router", str(tmp_path / "r"), "--prompts", str(prompts), "--out", str(tmp_path / "a")])
+    assert r.exit_code == 0, r.output
+    assert "predictions adjusted" in r.output
+    ar = Router.load(tmp_path / "a")
+    assert isinstance(ar, AdaptedRouter) and ar.applied and ar.base is not None and ar.base.key == "knn"
+    pri = ar.meta["adapted"]["priors"]
+    # history only: histy is right more often, mathy less, than on the training mix
+    assert pri["histy"]["new"] > pri["histy"]["train"] + 0.1
+    assert pri["mathy"]["new"] < pri["mathy"]["train"] - 0.1
+    assert ar.config.strength == 120  # the training queries, by default
+    assert pri["histy"]["train"] == pytest.approx(float(np.mean(json.loads((tmp_path / "r" / "config.json").read_text())["meta"]["train_mean_scores"][1])))
+    assert (tmp_path / "a" / "heldout_ids.txt").read_text() == (tmp_path / "r" / "heldout_ids.txt").read_text()
+    r = runner.invoke(app, ["route", "eval", "--router", str(tmp_path / "a"), "--data", str(synth_path)])
+    assert r.exit_code == 0, r.output
+    assert "adapted (MAP-EM re-estimation" in r.output and "histy" in r.output
+    r = runner.invoke(app, ["route", "eval", "--router", str(tmp_path / "a"), "--data", str(synth_path), "--json"])
+    d = json.loads(r.output)
+    assert d["router"] == "adapted" and d["queries"] == 40 and d["adapted"]["applied"] is True
+    # adapting an adapted router is refused, naming where its base is
+    r = runner.invoke(app, ["route", "adapt", "--router", str(tmp_path / "a"), "--prompts", str(prompts), "--out", str(tmp_path / "b")])
+    assert r.exit_code != 0 and "already an adapted router" in str(r.exception) + r.output
+
+
+def test_adapted_router_in_a_spec_routes_like_its_predictions(synth_table: RoutingTable, tmp_path: Path) -> None:
+    from collab.system import GenerationRequest
+    from routers.system import RoutedSystem
+
+    base = make_router("knn", encoder="tfidf", k=10).fit(synth_table)
+    base.meta["train_mean_scores"] = [float(v) for v in synth_table.scores.mean(0)]
+    hist = [p for p, t in zip(synth_table.prompts, synth_table.tasks) if t == "history"]
+    ar = adapt(base, hist, min_change=0.0)
+    ar.save(tmp_path / "a")
+    back = Router.load(tmp_path / "a")
+    np.testing.assert_allclose(back.predict(hist[:5]), ar.predict(hist[:5]))
+    sysm = RoutedSystem("a", back, None)
+    e = sysm.explain(GenerationRequest(prompt=hist[0]))
+    assert e["routed_to"] == back.experts[int(back.predict([hist[0]])[0].argmax())]
+    assert e["scores"]["histy"] == pytest.approx(float(back.predict([hist[0]])[0][back.experts.index("histy")]))
+
+
+def test_route_train_defaults_to_auto(synth_path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import routers.auto as auto
+
+    monkeypatch.setattr(auto, "CANDIDATES", TFIDF_CANDIDATES)
+    orig = auto.select_router
+    monkeypatch.setattr(auto, "select_router", lambda table, seed=0, log=None: orig(table, seed, TFIDF_CANDIDATES, TFIDF_PROTOCOL, log))
+    out = tmp_path / "r"
+    r = runner.invoke(app, ["route", "train", "--data", str(synth_path), "--out", str(out), "--test-size", "0.25"])
+    assert r.exit_code == 0, r.output
+    assert "auto: chose" in r.output and "under simulated shift" in r.output
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["meta"]["auto"]["protocol"]["queries"] == 120  # the training part only
+    r = runner.invoke(app, ["route", "eval", "--router", str(out), "--data", str(synth_path)])
+    assert r.exit_code == 0, r.output
+    assert "chosen by --router auto" in r.output and "leave-one-task-out" in r.output
+
+
+def test_spec_route_system_uses_an_adapted_router(tmp_path: Path, tiny_model_dir: Path) -> None:
+    from collab.spec import load_spec
+    from collab.system import GenerationRequest
+    from tests.routers.conftest import synthetic_rows
+
+    rows = [r | {"scores": {"a": r["scores"]["mathy"], "b": r["scores"]["histy"]}, "costs": {"a": 1.0, "b": 4.0}} for r in synthetic_rows()]
+    table = RoutingTable.from_rows(rows, source="synthetic")
+    base = make_router("knn", encoder="tfidf", k=10).fit(table)
+    base.meta["train_mean_scores"] = [float(v) for v in table.scores.mean(0)]
+    hist = [p for p, t in zip(table.prompts, table.tasks) if t == "history"]
+    adapt(base, hist, min_change=0.0).save(tmp_path / "adapted")
+    spec_path = tmp_path / "spec.yaml"
+    spec_path.write_text(f"experts:\n  a: {{ref: {tiny_model_dir}}}\n  b: {{ref: {tiny_model_dir}}}\nsystems:\n  auto: {{type: route, router: {tmp_path / 'adapted'}, experts: [a, b]}}\n")
+    sys_ = load_spec(spec_path).system("auto")
+    assert isinstance(sys_.router, AdaptedRouter) and sys_.router.applied
+    want = sys_.router.predict([hist[0]])[0]
+    e = sys_.explain(GenerationRequest(prompt=hist[0]))
+    assert e["routed_to"] == ["a", "b"][int(want.argmax())]
+    assert e["scores"]["b"] == pytest.approx(float(want[1]))
+    c = sys_.generate(GenerationRequest(prompt=hist[0], max_tokens=3))
+    assert c.trace["routed_to"] == e["routed_to"]
