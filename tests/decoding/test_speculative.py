@@ -509,3 +509,37 @@ def test_real_zoo_greedy_identity(smol: Expert, drafter_ref: str) -> None:
     assert [c.finish_reason for c in spec] == [c.finish_reason for c in plain]
     assert [c.text for c in sd.generate_batch(reqs)] == [c.text for c in plain]
     assert sum(c.trace["accepted"] for c in spec) > 0
+
+
+# ------------------------------------------------------------------ serve
+def test_served_speculative_systems_answer_as_the_verifier(spec_root: Path, tiny_model_dir: Path, tiny_expert: Expert) -> None:
+    """`collab serve` of a spec with speculative systems: the official client gets the
+    verifier's own answer, streamed or not, with the acceptance figures in the trace."""
+    import openai
+
+    from collab.server import CollabServer, ServeOptions, create_app
+    from tests.server.helpers import Running
+
+    path = spec_root / "served.yaml"
+    path.write_text(yaml.safe_dump({
+        "experts": {"smol": {"ref": str(tiny_model_dir)}, "twin": {"ref": str(tiny_model_dir)}},
+        "systems": {"look": {"type": "speculative", "verifier": "smol", "drafter": "lookup"},
+                    "pair": {"type": "speculative", "verifier": "smol", "drafter": "twin"}},
+    }))
+    server = CollabServer.from_spec(load_spec(path), ServeOptions(max_wait_ms=20))
+    server.load()
+    msgs = [{"role": "user", "content": "Repeat after me: one two three, one two three, one two three."}]
+    want = tiny_expert.generate(GenerationRequest(messages=msgs, max_tokens=16)).text
+    try:
+        with Running(create_app(server)) as running:
+            client = openai.OpenAI(base_url=running.url, api_key="none", max_retries=0, timeout=60)
+            for name in ("look", "pair"):
+                r = client.chat.completions.create(model=name, messages=msgs, max_tokens=16)
+                assert r.choices[0].message.content == want
+                trace = r.model_extra["collab"]
+                assert trace["system"] == name and 0.0 <= trace["acceptance_rate"] <= 1.0
+                chunks = list(client.chat.completions.create(model=name, messages=msgs, max_tokens=16, stream=True))
+                assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == want
+            assert client.chat.completions.create(model="pair", messages=msgs, max_tokens=16).model_extra["collab"]["acceptance_rate"] == 1.0
+    finally:
+        server.close()
