@@ -479,14 +479,11 @@ def decode(
                 prompt_ids[:] = [prompt_ids[i] for i in going]
                 chosen = [chosen[i] for i in going]
                 loop.last = [loop.last[i] for i in going]
-        if feeds:
-            pass
-        elif not rows:
-            pass
-        elif all(len(t) == 1 for t, r in zip(chosen, rows) if r.finish is None):
-            session.feed(loop.last)
-        else:  # several tokens for some row: catch the session up on all it has not seen, in one pass
-            session.feed([r.gen[n - len(r.prompt) :] if r.finish is None else [] for r, n in zip(rows, session.lengths)])
+        if not feeds and rows:  # a rule with feeds_session keeps the session current itself
+            if all(len(t) == 1 for t, r in zip(chosen, rows) if r.finish is None):
+                session.feed(loop.last)
+            else:  # several tokens for some row: catch the session up on all it has not seen, in one pass
+                session.feed([r.gen[n - len(r.prompt) :] if r.finish is None else [] for r, n in zip(rows, session.lengths)])
         if admit is not None:
             joining = list(admit(loop))
             if joining:
