@@ -23,16 +23,16 @@ WEIGHTS_FILE = "weights.safetensors"
 STATE_FILE = "state.json"
 
 
-def batch_order(step: int, n: int, batch_size: int, seed: int, stage: str) -> list[int]:
+def batch_order(step: int, n: int, batch_size: int, seed: int, stage: str | None = None) -> list[int]:
     """The items of ``step``: a seeded shuffle of ``range(n)`` per epoch (and per
-    ``stage``), so a step's batch depends only on the step (a resumed run sees the
-    same batches)."""
+    ``stage``, when given), so a step's batch depends only on the step (a resumed
+    run sees the same batches)."""
     import random
 
     per_epoch = max(1, n // batch_size)
     epoch, offset = divmod(step, per_epoch)
     order = list(range(n))
-    random.Random(f"{seed}:{stage}:{epoch}").shuffle(order)
+    random.Random(f"{seed}:{epoch}" if stage is None else f"{seed}:{stage}:{epoch}").shuffle(order)
     return order[offset * batch_size : (offset + 1) * batch_size] or order[:batch_size]
 
 

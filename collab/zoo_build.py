@@ -137,15 +137,11 @@ def batch_indices(n_examples: int, batch_size: int, seed: int, step: int) -> lis
     """Indices of the examples that make up training step ``step``: the data is
     shuffled once per epoch with ``seed`` and cut into batches in order, so the
     batch of a step depends only on the step (this is what makes resumption exact)."""
-    import random
+    from collab.training import batch_order
 
-    per_epoch = n_examples // batch_size
-    if per_epoch < 1:
+    if n_examples < batch_size:
         raise ValueError(f"training data: expected at least batch_size={batch_size} examples, found {n_examples}")
-    epoch, offset = divmod(step, per_epoch)
-    order = list(range(n_examples))
-    random.Random(f"{seed}:{epoch}").shuffle(order)
-    return order[offset * batch_size : (offset + 1) * batch_size]
+    return batch_order(step, n_examples, batch_size, seed)
 
 
 def train_lora(
