@@ -43,13 +43,17 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 ROOT = Path(__file__).resolve().parent.parent
 # bench/merging.py and bench/evals.py would shadow the packages of the same names
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != ROOT / "bench"]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))  # for bench.common
+from bench.common import log as common_log
+
 BASE = "zoo:smollm2-135m-instruct"
 SKILLS = ("arith", "lists", "units")
 ZOO_EXPERTS = ("zoo:smol-arith", "zoo:smol-lists", "zoo:smol-units")
 
 
 def log(msg: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+    common_log(msg, err=True)
 
 
 def paired(a: dict[str, float], b: dict[str, float], n_boot: int = 2000) -> dict[str, Any]:

@@ -36,13 +36,13 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 ROOT = Path(__file__).resolve().parent.parent
 # bench/evals.py and bench/routers.py would shadow the packages of the same names
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != ROOT / "bench"]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))  # for bench.common
+from bench.common import log, training_progress
+
 BASE = "zoo:smollm2-135m-instruct"
 ASSISTANTS = {"arith": "zoo:smol-arith", "lists": "zoo:smol-lists", "units": "zoo:smol-units"}
 TEMPLATE = "The answer is {answer}."
-
-
-def log(msg: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
 def fmt(m: float, lo: float, hi: float) -> str:
@@ -100,14 +100,7 @@ def train_and_tune(work: Path, names: list[str], skills_: list[str], args: argpa
            f"--examples {cfg.examples} --lr {cfg.lr} --init-lr {cfg.init_lr} --lora-lr {cfg.lora_lr}")
     if not (head / "config.json").is_file():
         log(f"train: {cmd}")
-        last = [0.0]
-
-        def progress(phase: str, done: int, total: int, loss: float | None) -> None:
-            if time.time() - last[0] > 60 or done == total:
-                last[0] = time.time()
-                log(f"  {phase} {done}/{total}" + (f" loss {loss:.4f}" if loss is not None else ""))
-
-        train_colm(BASE, [ASSISTANTS[n] for n in names], str(data), head, cfg, progress=progress)
+        train_colm(BASE, [ASSISTANTS[n] for n in names], str(data), head, cfg, progress=training_progress())
     tune_dir = work / "tune"
     dev = f"dev:{skills_[0] if len(skills_) == 1 else 'mixed'}"
     tune_cmd = f"collab decode tune --head {head} --data {dev} --limit {args.dev} --out {tune_dir}"

@@ -39,14 +39,14 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 ROOT = Path(__file__).resolve().parent.parent
 # bench/evals.py and bench/routers.py would shadow the packages of the same names
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != ROOT / "bench"]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))  # for bench.common
+from bench.common import log
+
 SPEC = ROOT / "examples" / "ensembles.yaml"
 ROUTED = ROOT / "examples" / "zoo.yaml"
 SKILL_ENSEMBLES = ["vote", "vote-table", "best-judge", "best-self", "mix", "contrast", "proxy"]
 MC_BENCHES = ["arc_easy", "mmlu"]
-
-
-def log(msg: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
 def fmt(m: float, lo: float, hi: float) -> str:

@@ -44,6 +44,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 ROOT = Path(__file__).resolve().parent.parent
 # bench/evals.py and bench/routers.py would shadow the packages of the same names
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != ROOT / "bench"]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))  # for bench.common
+from bench.common import log, training_progress
+
 EXPERTS = {
     "smol": "zoo:smollm2-135m-instruct",
     "gemma": "zoo:gemma3-270m",
@@ -52,10 +56,6 @@ EXPERTS = {
     "units": "zoo:smol-units",
 }
 COSTS = {"smol": 1.0, "gemma": 2.0, "arith": 1.0, "lists": 1.0, "units": 1.0}  # ~ parameters, for the routing tables
-
-
-def log(msg: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
 def fmt(m: float, lo: float, hi: float) -> str:
@@ -82,16 +82,9 @@ def train(work: Path, names: list[str], data: str, args: argparse.Namespace) -> 
            f"--max-prompt-tokens {cfg.max_prompt_tokens} --max-answer-tokens {cfg.max_answer_tokens} --encoder {cfg.encoder}")
     if not (out / "config.json").is_file():
         log(f"train: {cmd}")
-        last = [0.0]
-
-        def progress(phase: str, done: int, total: int, loss: float | None) -> None:
-            if time.time() - last[0] > 60 or done == total:
-                last[0] = time.time()
-                log(f"  {phase} {done}/{total}" + (f" loss {loss:.4f}" if loss is not None else ""))
-
         from collab.experts import Expert
 
-        train_latent([Expert.load(EXPERTS[n], name=n) for n in names], data, out, cfg, progress=progress)
+        train_latent([Expert.load(EXPERTS[n], name=n) for n in names], data, out, cfg, progress=training_progress())
     (work / "train_command.txt").write_text(cmd + "\n")
     return out
 

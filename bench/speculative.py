@@ -38,6 +38,7 @@ ROOT = Path(__file__).resolve().parent.parent
 # bench/evals.py and bench/routers.py would shadow the packages of the same names
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != ROOT / "bench"]
 sys.path.insert(0, str(ROOT))
+from bench.common import log
 
 VERIFIER = "zoo:smollm2-135m-instruct"
 
@@ -63,10 +64,6 @@ OPEN_PROMPTS = [
     "What is 17 + 25? Explain the steps.",
     "Write a short story about a robot who learns to paint.",
 ]
-
-
-def log(msg: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
 def run_arm(system: Any, requests: list[Any], batch: bool) -> tuple[list[Any], float]:
