@@ -179,45 +179,34 @@ def usage_of(completions: list[Completion], prompts_counted: int = 1) -> dict[st
     return Usage(prompt, completion).to_dict()
 
 
-def chat_response(rid: str, model: str, completions: list[Completion]) -> dict[str, Any]:
-    choices = []
-    for i, c in enumerate(completions):
-        choice: dict[str, Any] = {
-            "index": i,
-            "message": {"role": "assistant", "content": c.text},
-            "finish_reason": c.finish_reason,
-            "logprobs": None,
-        }
-        if len(completions) > 1:
+def _response(rid: str, model: str, obj: str, choices: list[dict[str, Any]], completions: list[Completion], prompts: int = 1) -> dict[str, Any]:
+    """The response around ``choices``: with several choices each carries its own
+    trace, and the top-level ``collab`` field is the first one's."""
+    if len(completions) > 1:
+        for choice, c in zip(choices, completions):
             choice["collab"] = c.trace
-        choices.append(choice)
     return {
         "id": rid,
-        "object": "chat.completion",
-        "created": int(time.time()),
-        "model": model,
-        "choices": choices,
-        "usage": usage_of(completions),
-        "collab": completions[0].trace,
-    }
-
-
-def completion_response(rid: str, model: str, completions: list[Completion], prompts: int) -> dict[str, Any]:
-    choices = []
-    for i, c in enumerate(completions):
-        choice: dict[str, Any] = {"index": i, "text": c.text, "finish_reason": c.finish_reason, "logprobs": None}
-        if len(completions) > 1:
-            choice["collab"] = c.trace
-        choices.append(choice)
-    return {
-        "id": rid,
-        "object": "text_completion",
+        "object": obj,
         "created": int(time.time()),
         "model": model,
         "choices": choices,
         "usage": usage_of(completions, prompts),
         "collab": completions[0].trace,
     }
+
+
+def chat_response(rid: str, model: str, completions: list[Completion]) -> dict[str, Any]:
+    choices = [
+        {"index": i, "message": {"role": "assistant", "content": c.text}, "finish_reason": c.finish_reason, "logprobs": None}
+        for i, c in enumerate(completions)
+    ]
+    return _response(rid, model, "chat.completion", choices, completions)
+
+
+def completion_response(rid: str, model: str, completions: list[Completion], prompts: int) -> dict[str, Any]:
+    choices = [{"index": i, "text": c.text, "finish_reason": c.finish_reason, "logprobs": None} for i, c in enumerate(completions)]
+    return _response(rid, model, "text_completion", choices, completions, prompts)
 
 
 def chat_chunk(rid: str, created: int, model: str, index: int, delta: dict[str, Any], finish: str | None = None) -> dict[str, Any]:
