@@ -12,6 +12,20 @@ import tempfile
 from pathlib import Path
 from typing import Any, Iterator
 
+#: The files of a model directory that make up its tokenizer and chat template,
+#: copied beside weights written from it (merges, fused and fine-tuned models).
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "tokenizer.model",
+    "added_tokens.json",
+    "merges.txt",
+    "vocab.json",
+    "chat_template.jinja",
+    "chat_template.json",
+)
+
 
 def cache_root() -> Path:
     """Where collab caches de-quantised weights and embeddings (``$COLLAB_CACHE``,

@@ -18,13 +18,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 from collab import skills
+from collab.io import TOKENIZER_FILES
 from collab.zoo import shipped_dir
-
-#: The files of a model directory that make up its tokenizer and chat template.
-TOKENIZER_FILES = (
-    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model", "added_tokens.json",
-    "merges.txt", "vocab.json", "chat_template.jinja", "chat_template.json",
-)
 
 DEFAULT_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 

@@ -19,22 +19,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from merging.errors import MergeError
-from merging.tensorio import SafetensorsReader, safetensors_files
+from merging.tensorio import SIDE_FILES, SafetensorsReader, safetensors_files
 
 #: Files copied along with weights when an input is rewritten into a work directory.
-_SIDE_FILES = (
-    "config.json",
-    "generation_config.json",
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "tokenizer.model",
-    "added_tokens.json",
-    "merges.txt",
-    "vocab.json",
-    "chat_template.jinja",
-    "chat_template.json",
-)
+_SIDE_FILES = ("config.json", *SIDE_FILES)
 
 
 @dataclass

@@ -21,6 +21,7 @@ import shutil
 from pathlib import Path
 from typing import Any, Self
 
+from collab.io import TOKENIZER_FILES
 from merging.errors import MergeError
 
 _DTYPES = {
@@ -40,18 +41,7 @@ _DTYPES = {
 _CODES = {v: k for k, v in _DTYPES.items()}
 
 #: Files copied from the donor model (the base, else the first model) beside the weights.
-SIDE_FILES = (
-    "generation_config.json",
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "tokenizer.model",
-    "added_tokens.json",
-    "merges.txt",
-    "vocab.json",
-    "chat_template.jinja",
-    "chat_template.json",
-)
+SIDE_FILES = ("generation_config.json", *TOKENIZER_FILES)
 
 
 def torch_dtype(code: str) -> Any:
