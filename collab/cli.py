@@ -147,7 +147,7 @@ def serve(
 
 #: Modules that add commands to ``app``, each through ``register(app)``. They
 #: import only typer at module level so that ``collab --help`` stays fast.
-COMMAND_MODULES = ("evals.cli", "routers.cli", "merging.cli", "decoding.cli", "collab.latent.cli")
+COMMAND_MODULES = ("evals.cli", "routers.cli", "merging.cli", "decoding.cli", "collab.latent.cli", "collab.ccoe.cli")
 
 
 def _register_commands() -> None:
