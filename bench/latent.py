@@ -141,7 +141,8 @@ def part_skill(args: argparse.Namespace) -> dict[str, Any]:
     ckpt = train(work, names, "skill:mixed", args)
     router = ROOT / "examples" / "artefacts" / "zoo-router"
     spec = load_spec(spec_for(work, names, ckpt, {"auto": {"type": "route", "router": str(router), "experts": list(names)}}))
-    systems = {n: spec.system(n) for n in names} | {"auto (router alone)": spec.system("auto"), "mot-k1 (primary alone)": spec.system("mot-k1"), "mot": spec.system("mot")}
+    # the mixture and its references first: the single experts' figures are also in the zoo's section
+    systems = {"mot": spec.system("mot"), "mot-k1 (primary alone)": spec.system("mot-k1"), "auto (router alone)": spec.system("auto")} | {n: spec.system(n) for n in names}
     return {
         "training": training_summary(ckpt),
         "train_command": (work / "train_command.txt").read_text().strip(),
