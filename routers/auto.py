@@ -16,11 +16,12 @@ user's own training table, never on anything held out for evaluation:
 - ``loto``: leave-one-task-out, each task in turn predicted by a router trained on the
   others, compared with the expert that was best on those others (pooled over tasks).
 
-Each figure is the share of the best-single-to-oracle gap closed. Leave-one-task-out also
-tests each held-out task on its own (routed minus fixed expert, paired, 95% z-interval): a
-candidate that loses significantly on some task is set aside (one unseen task unlike the
-rest is exactly what a mean hides). Among the others the candidate with the best mean over
-the three figures is chosen and refitted on the whole table; the protocol, every
+Each figure is the share of the best-single-to-oracle gap closed. The candidate with the
+best mean over the three is chosen and refitted on the whole table. Leave-one-task-out is
+also recorded task by task (routed minus fixed expert, paired, 95% z-interval), and a
+significant loss of the chosen candidate is named in its reason. (Setting such candidates
+aside was tried: on LLMRouter's 80% parts it chose best-single or the classifier on all
+six, 0.5% of the gap on random splits, so the mean decides); the protocol, every
 candidate's figures and the reason are written into ``config.json`` under ``meta.auto``.
 """
 
@@ -187,7 +188,7 @@ class ShiftProtocol:
             "grouped": f"{self.folds}-fold cross-validation; near-duplicate prompts ({self.dup_encoder} cosine >= {self.dup_threshold}, joined transitively) kept on one side; groups dealt task by task",
             "reweighted": "the grouped out-of-fold predictions reweighted to other task mixes (each task in turn given half the weight, the rest in the table's proportions); best single re-chosen per mix; mean (and worst) over mixes",
             "loto": "each task held out in turn, routed by a router trained on the others, against the expert best on the others; pooled over tasks",
-            "criterion": "among the candidates that lose significantly on no held-out task (leave-one-task-out, per task, upper end of the z-interval of routed - fixed >= 0), the best mean of the grouped, reweighted and leave-one-task-out shares of the best-single-to-oracle gap closed; if every candidate loses somewhere, the one whose worst task comes closest",
+            "criterion": "mean of the grouped, reweighted and leave-one-task-out shares of the best-single-to-oracle gap closed; each held-out task's own routed - fixed difference and its 95% z-interval are recorded (loto_per_task) and a significant loss is named in the reason",
         }
 
 
@@ -353,18 +354,15 @@ def select_router(
     ``table``, refit the best on the whole table and record the choice in ``meta.auto``."""
     p = protocol or ShiftProtocol()
     figs = evaluate_candidates(table, candidates, p, seed, log)
-    ranked = rank_candidates(figs, [c[0] for c in candidates])
+    ranked = sorted((c[0] for c in candidates), key=lambda n: -figs[n]["score"])
     name, key, opts = next(c for c in candidates if c[0] == ranked[0])
     best = figs[name]
-    if _safe(best):
-        reason = f"{name} closed the most of the best-single-to-oracle gap under simulated shift (mean {best['score']:.1%} over grouped, reweighted and leave-one-task-out validation)"
-        if not all(_safe(figs[n]) for n in ranked):
-            reason += " among the candidates that lose significantly on no held-out task"
-    else:
-        reason = f"every candidate lost significantly on some held-out task; {name} came closest (worst task's upper bound {best['loto_worst_upper']:+.3f})"
+    reason = f"{name} closed the most of the best-single-to-oracle gap under simulated shift (mean {best['score']:.1%} over grouped, reweighted and leave-one-task-out validation)"
     if len(ranked) > 1:
-        nxt = figs[ranked[1]]
-        reason += f"; next {ranked[1]} {nxt['score']:.1%}" + ("" if _safe(nxt) else f" (significant loss with {_worst_task(nxt)} held out)")
+        reason += f"; next {ranked[1]} {figs[ranked[1]]['score']:.1%}"
+    if best.get("loto_worst_upper", 0.0) < 0.0:
+        worst = _worst_task(best)
+        reason += f"; caution: with '{worst}' held out it lost significantly to the expert best on the other tasks ({best['loto_per_task'][worst]['delta']:+.3f} per query), so an unseen task unlike the table's may lose too"
     r = make_router(key, **{**opts, "seed": seed}).fit(table)
     r.meta["auto"] = {
         "chosen": name,
@@ -377,21 +375,9 @@ def select_router(
     return r
 
 
-def _safe(figs: dict[str, Any]) -> bool:
-    return figs.get("loto_worst_upper", 0.0) >= 0.0
-
-
 def _worst_task(figs: dict[str, Any]) -> str:
     per = figs.get("loto_per_task") or {}
     return min(per, key=lambda t: per[t]["upper"]) if per else ""
-
-
-def rank_candidates(figs: dict[str, dict[str, Any]], names: Sequence[str]) -> list[str]:
-    """``names`` best first: the candidates that lose significantly on no held-out task
-    (leave-one-task-out, per task, the upper end of the z-interval of routed - fixed >= 0)
-    by their mean share of the gap closed, then the others by how close their worst task
-    comes to no loss. Ties keep the candidates' order."""
-    return sorted(names, key=lambda n: (not _safe(figs[n]), -figs[n]["score"] if _safe(figs[n]) else -figs[n]["loto_worst_upper"]))
 
 
 def _jsonable(opts: dict[str, Any]) -> dict[str, Any]:
