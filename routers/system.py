@@ -12,6 +12,8 @@ In a spec::
         last_turn_only: false             # route on the whole conversation (default) or the last user turn
         names: {router-name: spec-name}   # optional: the router's expert names -> the spec's
         fallback: true                    # on an expert error, try the next-ranked expert
+        adapter_batch: false              # true: hold the experts that are LoRA adapters of one base in one
+                                          # AdapterBank, unmerged, and batch their rows together (adapter_banks)
 
 The completion is the expert's own, with the route in its trace; the expert's
 trace is kept under ``expert_trace``. ``collab route ask`` routes through the same
@@ -21,13 +23,31 @@ trace is kept under ``expert_trace``. ``collab route ask`` routes through the sa
 from __future__ import annotations
 
 import json
-from typing import TYPE_CHECKING, Any, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 
 from collab.errors import CollabError, RequestError
-from collab.system import BaseSystem, Completion, GenerationRequest, RendersRequests, Scorer, StreamChunk, scorer
-from routers.policies import CascadePolicy, CostPolicy, Decision, Policy, PolicyError, annotate, make_policy, parse_costs
+from collab.system import (
+    BaseSystem,
+    Completion,
+    GenerationRequest,
+    RendersRequests,
+    Scorer,
+    StreamChunk,
+    scorer,
+)
+from routers.policies import (
+    CascadePolicy,
+    CostPolicy,
+    Decision,
+    Policy,
+    PolicyError,
+    annotate,
+    make_policy,
+    parse_costs,
+)
 
 if TYPE_CHECKING:
     from routers.base import Router
@@ -204,7 +224,7 @@ class RoutedSystem(BaseSystem):
                         chunk.trace = self._trace(decision, pred, j, chunk.trace, failures)
                     yield chunk
                 return
-            except Exception as e:  # noqa: BLE001
+            except Exception as e:  # the next-ranked expert takes over
                 if started:
                     raise
                 failures.append({"expert": self.expert_names[j], "error": f"{type(e).__name__}: {e}"})
@@ -213,30 +233,66 @@ class RoutedSystem(BaseSystem):
         raise last_error
 
     def generate_batch(self, requests: Sequence[GenerationRequest]) -> list[Completion]:
-        """Route all requests at once, then one ``generate_batch`` per chosen expert."""
+        """Route all requests at once, then one ``generate_batch`` per chosen expert.
+
+        Experts that are LoRA adapters of one base held unmerged in an ``AdapterBank``
+        (``collab.adapters``; a spec's ``adapter_batch: true``) share one batch: the
+        rows routed to any of them (or to the bank's base) decode together, one forward
+        per step with each row's own adapter, instead of one pass per expert. Each
+        completion's trace names its row's expert either way."""
         if isinstance(self.policy, CascadePolicy):
             return [self.generate(r) for r in requests]
+        from collab.adapters import AdapterExpert
+
         routed = self.route(requests)
         groups: dict[int, list[int]] = {}
         for i, (d, _) in enumerate(routed):
             groups.setdefault(d.ranking[0], []).append(i)
-        out: list[Completion | None] = [None] * len(requests)
-        for j, idx in groups.items():
+        banks: dict[int, list[int]] = {}  # one batch per bank: the experts routed to, by bank
+        for j in groups:
             expert = self._expert(j)
+            if isinstance(expert, AdapterExpert):
+                banks.setdefault(id(expert.bank), []).append(j)
+        out: list[Completion | None] = [None] * len(requests)
+        for members in banks.values():
+            idx = [i for j in members for i in groups.pop(j)]
+            views = [self._expert(routed[i][0].ranking[0]) for i in idx]
+            bank = views[0].bank  # type: ignore[attr-defined]
             try:
-                batch: list[Completion | None] = list(expert.generate_batch([requests[i] for i in idx]))
-            except Exception:  # noqa: BLE001 - redo this group one by one, with fallback
+                batch: list[Completion | None] = list(bank.generate_batch([requests[i] for i in idx], [v.name for v in views]))
+            except Exception:  # redo this batch one by one, with fallback
                 if not self.fallback:
                     raise
                 batch = [None] * len(idx)
-            for i, c in zip(idx, batch):
-                if c is None:
-                    out[i] = self.generate(requests[i])
-                else:
-                    d, pred = routed[i]
-                    c.trace = self._trace(d, pred, j, c.trace, [])
-                    out[i] = c
+            self._collect(requests, routed, idx, batch, out)
+        for j, idx in groups.items():
+            expert = self._expert(j)
+            try:
+                batch = list(expert.generate_batch([requests[i] for i in idx]))
+            except Exception:  # redo this group one by one, with fallback
+                if not self.fallback:
+                    raise
+                batch = [None] * len(idx)
+            self._collect(requests, routed, idx, batch, out)
         return [c for c in out if c is not None]
+
+    def _collect(
+        self,
+        requests: Sequence[GenerationRequest],
+        routed: list[tuple[Decision, np.ndarray]],
+        idx: list[int],
+        batch: list[Completion | None],
+        out: list[Completion | None],
+    ) -> None:
+        """Put a batch's completions (rows ``idx``) in ``out`` with their route traces;
+        a row the batch did not answer is generated alone, with fallback."""
+        for i, c in zip(idx, batch):
+            if c is None:
+                out[i] = self.generate(requests[i])
+            else:
+                d, pred = routed[i]
+                c.trace = self._trace(d, pred, d.ranking[0], c.trace, [])
+                out[i] = c
 
 
 def answer_confidence(expert: Scorer, request: GenerationRequest, completion: Completion) -> float:
@@ -261,13 +317,13 @@ def answer_confidence(expert: Scorer, request: GenerationRequest, completion: Co
 class RoutedSystemType:
     """``type: route`` in a spec: validates the router directory and the experts, builds a RoutedSystem."""
 
-    keys = {"type", "router", "experts", "policy", "costs", "last_turn_only", "fallback", "names", "device"}
+    keys: ClassVar[set[str]] = {"type", "router", "experts", "policy", "costs", "last_turn_only", "fallback", "names", "device", "adapter_batch"}
 
     def validate(self, spec: Any, name: str, config: dict[str, Any]) -> None:
         kp = f"systems.{name}"
         unknown = set(config) - self.keys
         if unknown:
-            raise spec.error(f"{kp}.{sorted(unknown)[0]}", f"unknown key for type 'route'; expected some of {', '.join(sorted(self.keys))}")
+            raise spec.error(f"{kp}.{min(unknown)}", f"unknown key for type 'route'; expected some of {', '.join(sorted(self.keys))}")
         d = spec.require_dir(config, "router", kp)
         cfg_path = d / "config.json"
         if not cfg_path.is_file():
@@ -294,9 +350,15 @@ class RoutedSystemType:
                 check_device(config["device"])
             except CollabError as e:
                 raise spec.error(f"{kp}.device", str(e)) from e
-        for key in ("last_turn_only", "fallback"):
+        for key in ("last_turn_only", "fallback", "adapter_batch"):
             if key in config and not isinstance(config[key], bool):
                 raise spec.error(f"{kp}.{key}", f"expected true or false, found {config[key]!r}")
+        if config.get("adapter_batch") and not adapter_groups(spec, experts):
+            raise spec.error(
+                f"{kp}.adapter_batch",
+                f"no experts of {kp}.experts to batch together: it needs two or more local experts that are LoRA adapters of one base model "
+                f"(or one adapter and its base), loaded with the same options",
+            )
         try:
             policy = make_policy(config.get("policy"), router_experts)
         except ValueError as e:
@@ -322,7 +384,8 @@ class RoutedSystemType:
         router = Router.load(spec.resolve_path(config["router"])).to(str(config.get("device", "cpu")))
         names = config.get("names") or {}
         spec_names = [names.get(e, e) for e in router.experts]
-        experts = {e: spec.system(e) for e in spec_names}
+        shared = adapter_banks(spec, spec_names) if config.get("adapter_batch") else {}
+        experts = {e: shared[e] if e in shared else spec.system(e) for e in spec_names}
         policy = make_policy(config.get("policy"), spec_names)
         costs = parse_costs(config["costs"], spec_names, f"{kp}.costs") if "costs" in config else None
         try:
@@ -338,3 +401,44 @@ class RoutedSystemType:
             )
         except RequestError as e:  # a cascade's cheap expert that cannot score text
             raise spec.error(f"{kp}.policy.cheap", str(e)) from e
+
+
+# ------------------------------------------------------------- adapter banks
+# ``adapter_batch: true`` on a route system: the experts in its list that are LoRA
+# adapters of one base (and that base, if listed) are loaded once, as one
+# ``collab.adapters.AdapterBank`` with the adapters unmerged, instead of one merged
+# model each; the route system gets the bank's per-adapter experts, and
+# ``RoutedSystem.generate_batch`` decodes the rows routed to any of them in one
+# batch. The bank belongs to the route system: the spec's experts of the same names,
+# asked for by name elsewhere (``spec.system("arith")``, or ``collab serve``, which
+# serves every expert), are the usual merged ones, loaded separately.
+_LOAD_OPTIONS = ("dtype", "device", "prompt_format", "allow_pickle", "batch_size")
+
+
+def adapter_groups(spec: Any, names: Sequence[str]) -> list[list[str]]:
+    """The groups of ``names`` (spec experts) that can share an ``AdapterBank``: local
+    experts that are LoRA adapters of one base, or that base, loaded with the same options."""
+    from collab.adapters import adapter_groups as groups_of_refs
+
+    by_options: dict[str, dict[str, str]] = {}
+    for n in names:
+        es = spec.experts.get(n)
+        if es is None or es.remote or es.ref is None:
+            continue  # a system, or a remote expert
+        options = json.dumps({k: es.options[k] for k in _LOAD_OPTIONS if k in es.options}, sort_keys=True)
+        by_options.setdefault(options, {})[n] = es.ref
+    return [g for refs in by_options.values() for g in groups_of_refs(refs)]
+
+
+def adapter_banks(spec: Any, names: Sequence[str]) -> dict[str, BaseSystem]:
+    """One ``AdapterBank`` per group of ``adapter_groups``, loaded once; its expert for each
+    name of the group (the others are not in the mapping)."""
+    from collab.adapters import AdapterBank
+
+    out: dict[str, BaseSystem] = {}
+    for group in adapter_groups(spec, names):
+        es = spec.experts[group[0]]
+        options = {k: es.options[k] for k in _LOAD_OPTIONS if k in es.options}
+        bank = AdapterBank.from_refs({n: spec.experts[n].ref for n in group}, **options)
+        out.update((n, bank.expert(n)) for n in group)
+    return out
