@@ -21,7 +21,14 @@ each question's adapter run unmerged alone (the target: all) and the merged
 expert's answer alone, exact-match accuracy, and the peak memory (child
 processes' max RSS, and parameter bytes) of the bank vs the three merged experts.
 
-Usage: python bench/adapters.py [--n 12] [--max-tokens 32] [--reps 3] [--json out.json]
+With ``--ccoe DIR`` (a ``bench/ccoe.py`` work directory holding experts/arith, lists
+and units), CCoE joins the comparison: the same rows, each to the CCoE expert of the
+adapter it was routed to, one backbone pass per step for the batch (``ccoe``), and
+its memory with the three experts in a child process, so tokens/s and resident
+memory of CCoE, three separate (merged) models and base + LoRA adapters come from
+one run.
+
+Usage: python bench/adapters.py [--n 12] [--max-tokens 32] [--reps 3] [--ccoe DIR] [--json out.json]
 """
 
 from __future__ import annotations
@@ -103,6 +110,15 @@ def memory_child(kind: str) -> None:
         params = {p.data_ptr(): p.numel() * p.element_size() for p in bank.peft.parameters()}
         for n in ADAPTERS:  # one answer each: every weight is read (mapped weights count once touched)
             bank.expert(n).generate(probe)
+    elif kind.startswith("ccoe:"):
+        from collab.ccoe.gate import FixedGate
+        from collab.ccoe.system import CCoESystem
+
+        base = Expert.load("zoo:smollm2-135m-instruct", name="smol")
+        system = CCoESystem.load(base, {n: Path(kind[5:]) / "experts" / n for n in ADAPTERS}, FixedGate(None), name="ccoe")
+        for n in ADAPTERS:
+            CCoESystem(base, system.ccoe, FixedGate(n)).generate(probe)
+        params = {0: system.parameter_bytes()["total"]}
     elif kind == "merged":
         for n in ADAPTERS:
             e = Expert.load(f"zoo:smol-{n}", name=n)
@@ -151,6 +167,7 @@ def main() -> int:
     ap.add_argument("--n", type=int, default=12, help="questions in the routed batch (a multiple of 3: as many per adapter)")
     ap.add_argument("--max-tokens", type=int, default=32, help="as the skill benchmarks allow")
     ap.add_argument("--reps", type=int, default=3, help="rounds of every path; wall times are the best round's")
+    ap.add_argument("--ccoe", default=None, help="a bench/ccoe.py work directory: add CCoE's experts (experts/arith|lists|units) to the comparison")
     ap.add_argument("--json", default=None)
     ap.add_argument("--memory-child", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -216,6 +233,24 @@ def main() -> int:
         "alone_unmerged": lambda: [views[n].generate(r) for n, r in zip(names, reqs)],
         "alone_merged": lambda: [merged.experts[n].generate(r) for n, r in zip(names, reqs)],
     }
+    if args.ccoe:
+        from collab.ccoe.gate import GateDecision
+        from collab.ccoe.system import CCoESystem
+
+        row_of = {id(r): n for r, n in zip(reqs, names)}
+
+        class RowGate:
+            """Each row to the CCoE expert of the adapter the router chose for it."""
+
+            def choose(self, requests: list) -> list:
+                return [GateDecision(row_of[id(r)], {}, "the router's adapter") for r in requests]
+
+            def describe(self) -> dict:
+                return {"type": "rows"}
+
+        ccoe = CCoESystem.load(merged.experts["smol"], {n: Path(args.ccoe) / "experts" / n for n in ADAPTERS}, RowGate(), name="ccoe")
+        ccoe.generate_batch([reqs[0]])
+        paths["ccoe"] = lambda: ccoe.generate_batch(reqs)
     outputs: dict[str, list] = {}
     walls: dict[str, list[float]] = {k: [] for k in paths}
     for rep in range(args.reps):  # the paths take turns, so the machine's noise hits each alike
@@ -226,8 +261,8 @@ def main() -> int:
             if key in outputs:
                 assert [c.text for c in out] == [c.text for c in outputs[key]], f"{key}: greedy answers changed between rounds"
             outputs[key] = out
-    batched, static, groups_unmerged, groups_merged, alone_unmerged, alone_merged = (outputs[k] for k in paths)
-    t_batched, t_static, t_groups_unmerged, t_groups_merged, t_alone_unmerged, t_alone_merged = (min(walls[k]) for k in paths)
+    batched, static, groups_unmerged, groups_merged, alone_unmerged, alone_merged = (outputs[k] for k in list(paths)[:6])
+    t_batched, t_static, t_groups_unmerged, t_groups_merged, t_alone_unmerged, t_alone_merged = (min(walls[k]) for k in list(paths)[:6])
     assert [c.trace["routed_to"] for c in batched] == names and all(c.trace["expert_trace"].get("mixed_batch") for c in batched)
     assert [c.trace["routed_to"] for c in groups_merged] == names
 
@@ -238,6 +273,7 @@ def main() -> int:
     mem_bank = measure_memory("bank")
     mem_merged = measure_memory("merged")
     mem_none = measure_memory("none")
+    mem_ccoe = measure_memory(f"ccoe:{Path(args.ccoe).resolve()}") if args.ccoe else None
 
     def texts(cs: list) -> list[str]:
         return [c.text for c in cs]
@@ -256,6 +292,8 @@ def main() -> int:
         ("alone, unmerged", alone_unmerged, t_alone_unmerged),
         ("alone, merged", alone_merged, t_alone_merged),
     ]
+    if args.ccoe:
+        rows.append(("ccoe (its experts, one backbone pass per step)", outputs["ccoe"], min(walls["ccoe"])))
     n = len(reqs)
     tokens = sum(c.usage.completion_tokens for c in batched)
     print(f"\nRouted batch of {n} skill:mixed questions ({per} each to {', '.join(ADAPTERS)}; zoo kNN router), greedy, max_tokens {args.max_tokens}, "
@@ -273,13 +311,16 @@ def main() -> int:
           f"3 merged experts {mem_merged['peak_rss_mb']:.0f} MB ({mem_merged['param_mb']:.0f} MB params), imports only {mem_none['peak_rss_mb']:.0f} MB; "
           f"over imports: {mem_bank['peak_rss_mb'] - mem_none['peak_rss_mb']:.0f} vs {mem_merged['peak_rss_mb'] - mem_none['peak_rss_mb']:.0f} MB "
           f"({(mem_merged['peak_rss_mb'] - mem_none['peak_rss_mb']) / max(1.0, mem_bank['peak_rss_mb'] - mem_none['peak_rss_mb']):.2f}x)")
+    if mem_ccoe is not None:
+        print(f"memory, CCoE (base + 3 experts' top layers): {mem_ccoe['peak_rss_mb']:.0f} MB ({mem_ccoe['param_mb']:.0f} MB params); over imports {mem_ccoe['peak_rss_mb'] - mem_none['peak_rss_mb']:.0f} MB")
+        print("tokens/s: " + "; ".join(f"{label} {sum(c.usage.completion_tokens for c in cs) / t:.1f}" for label, cs, t in rows if label.startswith(("batched (", "groups, merged", "ccoe"))))
     print("where the time goes (best of rounds; ms): " + "; ".join(f"{k}: prefill {v['prefill_ms']:.0f}, one step {v['step_ms']:.0f}" for k, v in phases.items()))
     differ = [i for i in range(n) if batched[i].text != alone_merged[i].text]
     for i in differ[:3]:
         print(f"  differs from merged alone [{names[i]}]: {examples[i].question!r}: batched {batched[i].text!r} vs merged {alone_merged[i].text!r}")
     if args.json:
         Path(args.json).write_text(json.dumps({"n": n, "per_adapter": per, "max_tokens": args.max_tokens, "reps": args.reps, "answer_tokens": tokens, "rows": result_rows, "walls_s": walls,
-                                               "memory": {"bank": mem_bank, "merged": mem_merged, "imports": mem_none}, "phases_ms": phases,
+                                               "memory": {"bank": mem_bank, "merged": mem_merged, "imports": mem_none, "ccoe": mem_ccoe}, "phases_ms": phases,
                                                "load_s": {"bank_route_system": t_load_bank, "merged_route_system": t_load_merged}}, indent=2))
     return 0
 
