@@ -137,6 +137,29 @@ def test_train_pop_push_round_trip(tmp_path: Path, base_dir: Path, base: Any) ->
     )
 
 
+def test_a_popped_expert_is_an_input_collab_merge_takes(tmp_path: Path, base_dir: Path) -> None:
+    import yaml
+    from safetensors.torch import load_file
+    from typer.testing import CliRunner
+
+    assert _invoke("train", "--base", str(base_dir), "--skill", "units", "--out", str(tmp_path / "units"), *TRAIN).exit_code == 0
+    assert _invoke("pop", "--expert", str(tmp_path / "units"), "--out", str(tmp_path / "popped")).exit_code == 0
+    config = tmp_path / "merge.yaml"
+    # the popped expert and the base, averaged: the bottom layers stay the base's, bit for bit
+    models = [{"model": str(tmp_path / "popped"), "parameters": {"weight": 1.0}}, {"model": str(base_dir), "parameters": {"weight": 1.0}}]
+    config.write_text(yaml.safe_dump({"merge_method": "linear", "models": models, "dtype": "float32"}))
+    from collab.cli import app
+
+    res = CliRunner().invoke(app, ["merge", str(config), str(tmp_path / "merged"), "-q"], catch_exceptions=False)
+    assert res.exit_code == 0, res.output
+    merged = load_file(str(tmp_path / "merged" / "model.safetensors"))
+    popped = load_file(str(tmp_path / "popped" / "model.safetensors"))
+    branch = load_file(str(tmp_path / "units" / "branch.safetensors"))
+    assert merged.keys() >= branch.keys()
+    assert all(torch.equal(merged[k], popped[k]) for k in merged if k not in branch)
+    assert all(torch.allclose(merged[k], (popped[k] + load_file(str(base_dir / "model.safetensors"))[k]) / 2, atol=1e-6) for k in branch)
+
+
 def test_train_reads_a_jsonl_file(tmp_path: Path, base_dir: Path) -> None:
     data = tmp_path / "conv.jsonl"
     data.write_text(
