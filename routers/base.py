@@ -62,7 +62,7 @@ def router_names() -> list[str]:
 def _import_all() -> None:
     import importlib
 
-    for module in ("routers.adapt", "routers.auto", "routers.baselines", "routers.bert", "routers.guard", "routers.learned"):
+    for module in ("routers.adapt", "routers.auto", "routers.baselines", "routers.bert", "routers.guard", "routers.learned", "routers.population"):
         importlib.import_module(module)
 
 

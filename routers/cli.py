@@ -10,7 +10,7 @@ from typing import Annotated, Any, Iterator, Optional
 
 import typer
 
-route_app = typer.Typer(help="Learned query routers: train on routing tables, evaluate, route one prompt.", no_args_is_help=True)
+route_app = typer.Typer(help="Learned query routers: train on routing tables, evaluate, route one prompt, add an expert from demonstrations.", no_args_is_help=True)
 
 _DATA_HELP = "A routing table: a canonical .jsonl, or a shorthand: llmrouter, routellm-mmlu, routellm-gsm8k (repeatable)."
 
@@ -53,7 +53,7 @@ def _parse_options(options: list[str] | None) -> dict[str, Any]:
 def train(
     data: Annotated[list[str], typer.Option("--data", help=_DATA_HELP)],
     out: Annotated[str, typer.Option("--out", help="Directory to write the trained router to.")],
-    router: Annotated[str, typer.Option("--router", help="Router kind: auto (default: chosen by validation under simulated shift), classifier, knn, logreg, mlp, mf, subject, bert, ensemble, partition, guarded, best-single, random, oracle.")] = "auto",
+    router: Annotated[str, typer.Option("--router", help="Router kind: auto (default: chosen by validation under simulated shift), classifier, knn, logreg, mlp, mf, subject, bert, ensemble, partition, guarded, population (new experts from demonstrations: route add-expert), best-single, random, oracle.")] = "auto",
     option: Annotated[Optional[list[str]], typer.Option("--option", "-o", help="Router option KEY=VALUE, e.g. -o k=40 -o encoder=tfidf (repeatable).")] = None,
     test_size: Annotated[float, typer.Option(help="Hold out this share of queries (stratified by task) for `route eval`.")] = 0.0,
     seed: Annotated[int, typer.Option(help="Seed for the split and training.")] = 0,
@@ -153,6 +153,29 @@ def adapt(
     typer.echo(f"adapted {a['base']} router on {a['prompts']} prompts ({a['iterations']} EM iterations): {a['reason']} -> {out}")
     for e, v in a["priors"].items():
         typer.echo(f"  {e:40s} {v['train']:.4f} -> {v['new']:.4f} ({v['change']:+.4f})")
+
+
+@route_app.command("add-expert")
+def add_expert(
+    router: Annotated[str, typer.Option("--router", help="A population router directory (collab route train --router population).")],
+    expert: Annotated[str, typer.Option("--expert", help="The new expert's name (as in the demonstrations' scores and in specs).")],
+    demos: Annotated[str, typer.Option("--demos", help="JSONL routing-table rows whose scores hold the new expert's score (other experts' scores may be absent).")],
+    out: Annotated[str | None, typer.Option("--out", help="Write the router with the new expert here instead of in place.")] = None,
+    pseudo_labels: Annotated[int | None, typer.Option("--pseudo-labels", help="Also pseudo-label this many of the router's training queries for the new expert (label spreading from the demonstrations); default: the router's pseudo_labels option.")] = None,
+    cost: Annotated[float | None, typer.Option("--cost", help="The new expert's cost per query for cost policies (default: its mean cost in the demonstrations, else 1).")] = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace --out if it is a trained router directory.")] = False,
+    device: Annotated[str, typer.Option(help=_DEVICE_HELP)] = "cpu",
+) -> None:
+    """Add an expert to a population router from a few demonstrations, changing no weight (L2D-Pop)."""
+    from collab.io import sha256_file
+    from routers.population import add_expert as add_fn
+
+    with _warnings_as_lines():
+        r = add_fn(router, expert, demos, out=out, pseudo_labels=pseudo_labels, cost=cost, overwrite=overwrite, device=device)
+    info = r.ctx_info[-1]
+    dest = out or router
+    typer.echo(f"added expert '{expert}' from {info['demonstrations']} demonstrations" + (f" and {info['pseudo_labels']} pseudo-labelled queries" if info["pseudo_labels"] else "") + f" -> {dest}")
+    typer.echo(f"experts: {', '.join(r.experts)}; weights unchanged (router.safetensors sha256 {sha256_file(f'{dest}/router.safetensors')[:16]})")
 
 
 @route_app.command("ask")
