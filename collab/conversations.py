@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from collab.errors import CollabError
+from collab.io import jsonl_rows
 from collab.system import GenerationRequest
 
 SOURCES = "a .jsonl file or skill:arith|lists|units|mixed"
@@ -80,17 +81,10 @@ def read_conversations(source: str, limit: int | None = None, *, raw: bool = Fal
     if not path.is_file():
         raise DataError(f"{source}: training data not found (expected {SOURCES})")
     items: list[Conversation] = []
-    with path.open(encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if limit is not None and len(items) >= limit:
-                break
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}:{n}: not valid JSON ({e.msg})") from e
-            items.append(parse_conversation(row, f"{path}:{n}", raw=raw))
+    for n, row in jsonl_rows(path, DataError):
+        items.append(parse_conversation(row, f"{path}:{n}", raw=raw))
+        if limit is not None and len(items) >= limit:
+            break  # before the next line is parsed: lines past the limit are never read
     if not items:
         raise DataError(f"{path}: no examples")
     return str(path), items

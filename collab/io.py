@@ -10,7 +10,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 #: The files of a model directory that make up its tokenizer and chat template,
 #: copied beside weights written from it (merges, fused and fine-tuned models).
@@ -83,6 +83,24 @@ def atomic_directory(target: str | os.PathLike[str], overwrite: bool = False) ->
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def jsonl_rows(
+    path: str | os.PathLike[str], error: Callable[[str], Exception], where: Callable[[int], str] | None = None
+) -> Iterator[tuple[int, Any]]:
+    """(line number, parsed value) of each non-blank line of a JSONL file, read lazily. A line
+    that is not JSON raises ``error`` with a message that starts with ``where(n)`` (default
+    ``FILE:N``), so every reader of a user's JSONL names the bad line the same way."""
+    at = where or (lambda n: f"{path}:{n}")
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                value = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise error(f"{at(n)}: not valid JSON ({e.msg} at column {e.colno})") from None
+            yield n, value
 
 
 def sha256_file(path: str | os.PathLike[str], chunk: int = 1 << 20) -> str:

@@ -9,10 +9,10 @@ each layer runs, so no layer's activations outlive its own forward.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
+from collab.io import jsonl_rows
 from merging.errors import MergeError
 
 _PROMPT_KEYS = ("prompt", "question", "input", "instruction", "query")
@@ -25,13 +25,7 @@ def read_texts(path: Path, limit: int | None = None) -> list[str]:
         raise MergeError(f"{path}: calibration file not found")
     texts: list[str] = []
     if path.suffix.lower() in (".jsonl", ".json"):
-        for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise MergeError(f"{path}:{i}: not valid JSON ({e.msg})") from None
+        for i, row in jsonl_rows(path, MergeError):
             texts.append(_row_text(row, path, i))
             if limit is not None and len(texts) >= limit:
                 break

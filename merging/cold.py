@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from collab import skills
+from collab.io import jsonl_rows
 from collab.zoo_build import DEFAULT_TARGETS, DomainExpertConfig
 from merging.errors import MergeError
 
@@ -156,13 +157,7 @@ def load_contributor(spec: str, config: ColdFusionConfig) -> Contributor:
 
 def _read_jsonl(path: Path, name: str) -> list[skills.Example]:
     out: list[skills.Example] = []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ColdFusionError(f"{path}:{n}: not valid JSON ({e.msg})") from None
+    for n, row in jsonl_rows(path, ColdFusionError):
         if not isinstance(row, dict):
             raise ColdFusionError(f"{path}:{n}: expected an object with 'prompt' and 'response', found {type(row).__name__}")
         prompt = row.get("prompt", row.get("question"))

@@ -25,7 +25,6 @@ less than ``min_change`` (EM on a few hundred prompts is noisy) leave the router
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import shutil
 from pathlib import Path
@@ -33,6 +32,7 @@ from typing import Any, ClassVar, Sequence
 
 import numpy as np
 
+from collab.io import jsonl_rows
 from routers.base import (
     AT_LEAST_1,
     NON_NEGATIVE,
@@ -179,13 +179,7 @@ def read_prompts(path: str | os.PathLike[str]) -> list[str]:
     if not p.is_file():
         raise RouterError(f"{p}: prompts file not found")
     out = []
-    for n, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise RouterError(f"{p}: line {n}: not valid JSON ({e.msg})") from None
+    for n, obj in jsonl_rows(p, RouterError, lambda n: f"{p}: line {n}"):
         prompt = obj.get("prompt") if isinstance(obj, dict) else None
         if not isinstance(prompt, str) or not prompt.strip():
             found = sorted(obj) if isinstance(obj, dict) else type(obj).__name__

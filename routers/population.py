@@ -49,6 +49,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
+from collab.io import jsonl_rows
 from routers.base import (
     AT_LEAST_1,
     NON_NEGATIVE,
@@ -867,14 +868,8 @@ def read_demos(path: str | os.PathLike[str], expert: str) -> Demos:
         raise RouterError(f"{p}: demonstrations file not found")
     ids, prompts, scores, costs = [], [], [], []
     seen: dict[str, int] = {}
-    for n, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
+    for n, obj in jsonl_rows(p, RouterError, lambda n: f"{p}: line {n}"):
         at = f"{p}: line {n}"
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise RouterError(f"{at}: not valid JSON ({e.msg})") from None
         if not isinstance(obj, dict):
             raise RouterError(
                 f"{at}: expected a JSON object, found {type(obj).__name__}"

@@ -25,6 +25,7 @@ from typing import Any, Iterator, Mapping, Sequence
 import numpy as np
 
 from collab.errors import CollabError
+from collab.io import jsonl_rows
 
 #: The routing tables behind the ``--data`` shorthands, shipped inside the package
 #: (routers/data/routing/, with their upstream licences; README.md there names the sources).
@@ -152,18 +153,11 @@ class RoutingTable:
         if not p.is_file():
             raise TableError(f"{p}: routing table not found")
         rows: list[dict[str, Any]] = []
-        with p.open(encoding="utf-8") as f:
-            for lineno, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    obj = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise TableError(f"{p}: line {lineno}: not valid JSON ({e.msg} at column {e.colno})") from e
-                if not isinstance(obj, dict):
-                    raise TableError(f"{p}: line {lineno}: expected a JSON object, found {type(obj).__name__}")
-                obj["_line"] = lineno
-                rows.append(obj)
+        for lineno, obj in jsonl_rows(p, TableError, lambda n: f"{p}: line {n}"):
+            if not isinstance(obj, dict):
+                raise TableError(f"{p}: line {lineno}: expected a JSON object, found {type(obj).__name__}")
+            obj["_line"] = lineno
+            rows.append(obj)
         if not rows:
             raise TableError(f"{p}: the routing table is empty")
         return cls.from_rows(rows, source=str(p), experts=experts)
