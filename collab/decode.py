@@ -39,7 +39,41 @@ from collab.system import Completion, GenerationRequest, StreamChunk, Usage
 if TYPE_CHECKING:
     import torch
 
-    from collab.experts import Expert
+
+class DecodingExpert(Protocol):
+    """What the loop uses of an expert: ``collab.experts.Expert`` is one, and so is any
+    object that renders, tokenises and runs a causal LM the same way (an adapter
+    bank's per-adapter view, for instance). The loop depends on this, not on the
+    experts module, so the dependency points one way."""
+
+    name: str
+    model: Any
+    tokenizer: Any
+    eos_token_ids: list[int]
+
+    @property
+    def device(self) -> "torch.device": ...
+
+    def encode(self, request: GenerationRequest) -> list[int]: ...
+
+    def stops_for(self, request: GenerationRequest) -> list[str]: ...
+
+    def trace_for(self, request: GenerationRequest) -> dict[str, Any]: ...
+
+    def max_new_tokens(self, request: GenerationRequest, prompt_len: int) -> int: ...
+
+    def forward(
+        self,
+        input_ids: "torch.Tensor",
+        attention_mask: "torch.Tensor | None" = None,
+        cache: Any = None,
+        output_hidden_states: bool = False,
+        use_cache: bool = True,
+        *,
+        position_ids: "torch.Tensor | None" = None,
+        grad: bool = False,
+        logits_to_keep: int = 0,
+    ) -> Any: ...
 
 
 class Session:
@@ -53,7 +87,7 @@ class Session:
 
     def __init__(
         self,
-        expert: "Expert",
+        expert: "DecodingExpert",
         prompts: Sequence[Sequence[int]],
         *,
         hidden_states: bool = False,
@@ -373,7 +407,7 @@ class Loop:
     tokens chosen at the previous step (None at the first; a row's last one where
     the rule chose several)."""
 
-    expert: "Expert"
+    expert: "DecodingExpert"
     session: Session
     requests: Sequence[GenerationRequest]
     prompts: list[list[int]]
@@ -401,7 +435,7 @@ class Event:
 
 
 def decode(
-    expert: "Expert",
+    expert: "DecodingExpert",
     requests: Sequence[GenerationRequest],
     rule: Rule | None = None,
     *,
@@ -510,7 +544,7 @@ def _per_row(chosen: Any) -> list[list[int]]:
 
 
 def generate_batch(
-    expert: "Expert", requests: Sequence[GenerationRequest], rule: Rule | None = None, **kw: Any
+    expert: "DecodingExpert", requests: Sequence[GenerationRequest], rule: Rule | None = None, **kw: Any
 ) -> list[Completion]:
     """Completions for ``requests`` decoded together in one batch, in order."""
     done: list[Completion | None] = [None] * len(requests)
@@ -521,12 +555,12 @@ def generate_batch(
     return [c for c in done if c is not None]
 
 
-def generate(expert: "Expert", request: GenerationRequest, rule: Rule | None = None, **kw: Any) -> Completion:
+def generate(expert: "DecodingExpert", request: GenerationRequest, rule: Rule | None = None, **kw: Any) -> Completion:
     """One completion through the loop."""
     return generate_batch(expert, [request], rule, **kw)[0]
 
 
-def stream(expert: "Expert", request: GenerationRequest, rule: Rule | None = None, **kw: Any) -> Iterator[StreamChunk]:
+def stream(expert: "DecodingExpert", request: GenerationRequest, rule: Rule | None = None, **kw: Any) -> Iterator[StreamChunk]:
     """Stream one completion; the last chunk carries finish reason, usage and trace."""
     for events in decode(expert, [request], rule, **kw):
         for e in events:
