@@ -168,7 +168,7 @@ def add_expert(
 ) -> None:
     """Add an expert to a population router from a few demonstrations, changing no weight (L2D-Pop)."""
     from collab.io import sha256_file
-    from routers.population import add_expert as add_fn
+    from routers.demonstrations import add_expert as add_fn
 
     with _warnings_as_lines():
         r = add_fn(router, expert, demos, out=out, pseudo_labels=pseudo_labels, cost=cost, overwrite=overwrite, device=device)
