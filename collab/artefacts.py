@@ -61,6 +61,18 @@ def read_artefact_config(directory: str | Path, kind: ArtefactKind, error: type[
     return path, raw
 
 
+def check_output(out: Path, overwrite: bool, what: str, new: str) -> None:
+    """CollabError unless a trainer may write ``out``: absent, or with ``overwrite`` a
+    directory with a config.json (``what`` names such a directory in the error, e.g. 'a
+    deferral head'; ``new`` the thing being written, e.g. 'the new head')."""
+    if not out.exists():
+        return
+    if not overwrite:
+        raise CollabError(f"{out}: already exists (pass --overwrite to replace it once {new} is complete)")
+    if not (out / "config.json").is_file():
+        raise CollabError(f"{out}: exists and is not {what}; refusing to overwrite it")
+
+
 def from_known_fields(cls: type[T], raw: dict[str, Any]) -> T:
     """``cls(**raw)`` over the dataclass's own fields (keys a newer writer added are ignored)."""
     known = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]

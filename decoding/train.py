@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
+from collab.artefacts import check_output
 from collab.errors import CollabError, Interrupted
 from collab.training import TrainingCheckpoint, batch_order, load_expert
 from decoding.data import TrainingData
@@ -146,10 +147,7 @@ def train_colm(
     config = config or TrainConfig()
     config.check()
     out = Path(out)
-    if out.exists() and not overwrite:
-        raise CollabError(f"{out}: already exists (pass --overwrite to replace it once the new head is complete)")
-    if out.exists() and not (out / "config.json").is_file():
-        raise CollabError(f"{out}: exists and is not a deferral head; refusing to overwrite it")
+    check_output(out, overwrite, "a deferral head", "the new head")
     if not assistants:
         raise CollabError("--assistant: expected at least one assistant expert")
     t0 = time.perf_counter()

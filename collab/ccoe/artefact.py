@@ -127,20 +127,6 @@ def load_expert_files(path: str | Path) -> tuple[CCoEConfig, dict[str, torch.Ten
     return config, tensors
 
 
-def check_output(out: Path, overwrite: bool) -> None:
-    """CollabError unless ``out`` may be written: absent, or with ``overwrite`` a CCoE expert directory."""
-    if not out.exists():
-        return
-    if not overwrite:
-        raise CollabError(
-            f"{out}: already exists (pass --overwrite to replace it once the new one is complete)"
-        )
-    if not (out / "config.json").is_file():
-        raise CollabError(
-            f"{out}: exists and is not a CCoE expert or model directory; refusing to overwrite it"
-        )
-
-
 def open_branch(
     model: Any, path: str | Path, name: str | None = None, base_name: str = "the base"
 ) -> tuple[Any, CCoEConfig]:

@@ -18,10 +18,10 @@ import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from collab.artefacts import check_output
 from collab.ccoe.artefact import (
     CCoEArtefactError,
     CCoEConfig,
-    check_output,
     open_branch,
     read_config,
     save_expert,
@@ -69,7 +69,7 @@ def pop_expert(
     from collab.io import TOKENIZER_FILES, atomic_directory, atomic_write_json
 
     out = Path(out)
-    check_output(out, overwrite)
+    check_output(out, overwrite, "a CCoE expert or model directory", "the new one")
     config = read_config(expert_dir)
     expert = load_expert(base if base is not None else config.base)
     branch, config = open_branch(
@@ -142,7 +142,7 @@ def push_expert(
     )
 
     out = Path(out)
-    check_output(out, overwrite)
+    check_output(out, overwrite, "a CCoE expert or model directory", "the new one")
     if isinstance(layers, bool) or not isinstance(layers, int) or layers < 1:
         raise CollabError(f"--layers: expected an integer >= 1, found {layers!r}")
     b = load_expert(base)

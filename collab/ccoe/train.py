@@ -168,7 +168,8 @@ def train_expert(
     call again resumes."""
     import torch
 
-    from collab.ccoe.artefact import CCoEConfig, check_output, save_expert
+    from collab.artefacts import check_output
+    from collab.ccoe.artefact import CCoEConfig, save_expert
     from collab.ccoe.model import (
         Branch,
         CCoEModel,
@@ -183,7 +184,7 @@ def train_expert(
     config = config or CCoETrainConfig()
     config.check()
     out = Path(out)
-    check_output(out, overwrite)
+    check_output(out, overwrite, "a CCoE expert or model directory", "the new one")
     t0 = time.perf_counter()
     convs = (
         data

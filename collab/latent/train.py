@@ -39,6 +39,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
+from collab.artefacts import check_output
 from collab.errors import CollabError, Interrupted
 from collab.latent.data import Conversation, Conversations
 from collab.training import TrainingCheckpoint, batch_order, load_expert
@@ -190,10 +191,7 @@ def train_latent(
     config = config or LatentTrainConfig()
     config.check()
     out = Path(out)
-    if out.exists() and not overwrite:
-        raise CollabError(f"{out}: already exists (pass --overwrite to replace it once the new mixture is complete)")
-    if out.exists() and not (out / "config.json").is_file():
-        raise CollabError(f"{out}: exists and is not a trained mixture; refusing to overwrite it")
+    check_output(out, overwrite, "a trained mixture", "the new mixture")
     if len(experts) < 2:
         raise CollabError(f"--experts: expected at least two experts, found {len(experts)}")
     if config.top_k > len(experts):
