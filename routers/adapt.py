@@ -40,6 +40,7 @@ from routers.base import (
     Router,
     RouterConfig,
     RouterError,
+    WrapperRouter,
     register_router,
 )
 
@@ -104,7 +105,7 @@ class AdaptedRouterConfig(RouterConfig):
 
 
 @register_router("adapted")
-class AdaptedRouter(Router):
+class AdaptedRouter(WrapperRouter):
     """Any router (saved in ``base/``) with its predictions adjusted to priors re-estimated,
     without labels, on prompts of the new traffic (Saerens et al. 2002). ``meta.adapted``
     records the training and new priors per expert, the prompts used and whether they applied."""
@@ -112,10 +113,10 @@ class AdaptedRouter(Router):
     config_cls = AdaptedRouterConfig
     uses_encoder = False
     reference_url = "https://doi.org/10.1162/089976602753284446"
+    wrapper_noun = "adapted router"
 
     def __init__(self, config: Any = None, base: Router | None = None) -> None:
-        super().__init__(config)
-        self.base = base
+        super().__init__(config, base)
         self.train_priors = np.zeros(0)
         self.priors = np.zeros(0)
         self.applied = False
@@ -135,24 +136,12 @@ class AdaptedRouter(Router):
         pred, notes = self.base.explain(list(prompts))
         return np.clip(self._adjusted(pred), 0.0, 1.0), notes
 
-    def children(self) -> list[Router]:
-        return [self.base] if self.base is not None else []
-
     def _state(self) -> dict[str, np.ndarray]:
         return {"train_priors": self.train_priors.astype(np.float64), "priors": self.priors.astype(np.float64), "applied": np.array([int(self.applied)], dtype=np.int64)}
 
     def _load_state(self, t: dict[str, np.ndarray]) -> None:
         self.train_priors, self.priors = t["train_priors"], t["priors"]
         self.applied = bool(int(t["applied"][0]))
-
-    def _save_extra(self, directory: Path) -> None:
-        assert self.base is not None
-        self.base.save(directory / "base")
-
-    def _load_extra(self, directory: Path) -> None:
-        self.base = Router.load(directory / "base")
-        if self.base.experts != self.experts:
-            raise RouterError(f"{directory}/base: experts {self.base.experts} differ from the adapted router's {self.experts}")
 
 
 def training_priors(router: Router, where: str = "router") -> tuple[np.ndarray, str]:

@@ -391,3 +391,28 @@ class Router:
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(experts={self.experts}, config={self.config})"
+
+
+class WrapperRouter(Router):
+    """A router around one other router, ``base``, which is saved in ``base/`` beside the
+    wrapper's config.json and loaded back with it (``collab route adapt``'s adapted router,
+    the out-of-distribution guard)."""
+
+    wrapper_noun: ClassVar[str] = "wrapper"
+    """How errors name the wrapper: "... differ from the {wrapper_noun}'s ..."."""
+
+    def __init__(self, config: Any = None, base: Router | None = None) -> None:
+        super().__init__(config)
+        self.base: Router | None = base
+
+    def children(self) -> list[Router]:
+        return [self.base] if self.base is not None else []
+
+    def _save_extra(self, directory: Path) -> None:
+        assert self.base is not None
+        self.base.save(directory / "base")
+
+    def _load_extra(self, directory: Path) -> None:
+        self.base = Router.load(directory / "base")
+        if self.base.experts != self.experts:
+            raise RouterError(f"{directory}/base: experts {self.base.experts} differ from the {self.wrapper_noun}'s {self.experts}")

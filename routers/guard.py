@@ -33,12 +33,11 @@ quantile means the same thing in calibration and at test time.
 from __future__ import annotations
 
 import dataclasses
-from pathlib import Path
 from typing import Any, ClassVar, Sequence
 
 import numpy as np
 
-from routers.base import AT_LEAST_1, NON_NEGATIVE, POSITIVE, UNIT, Bound, Router, RouterConfig, RouterError, register_router
+from routers.base import AT_LEAST_1, NON_NEGATIVE, POSITIVE, UNIT, Bound, Router, RouterConfig, RouterError, WrapperRouter, register_router
 from routers.encoders import normalise_rows
 from routers.table import RoutingTable, kfold_indices
 
@@ -246,16 +245,13 @@ class GuardedRouterConfig(RouterConfig):
 
 
 @register_router("guarded")
-class GuardedRouter(Router):
+class GuardedRouter(WrapperRouter):
     """Any router, with predictions shrunk toward the training means (the best single
     expert) for prompts far from the training prompts. The base router is saved in
     ``base/`` beside the guard's config.json."""
 
     config_cls = GuardedRouterConfig
-
-    def __init__(self, config: Any = None, base: Router | None = None) -> None:
-        super().__init__(config)
-        self.base: Router | None = base
+    wrapper_noun = "guard"
 
     # ------------------------------------------------------------ training
     def _make(self, spec: str) -> Router:
@@ -400,18 +396,6 @@ class GuardedRouter(Router):
         self.means, self.thresholds = t["means"], t["thresholds"]
         c = self.config
         c.grid_quantiles, c.grid_statistic = tuple(c.grid_quantiles), tuple(c.grid_statistic)
-
-    def children(self) -> list[Router]:
-        return [self.base] if self.base is not None else []
-
-    def _save_extra(self, directory: Path) -> None:
-        assert self.base is not None
-        self.base.save(directory / "base")
-
-    def _load_extra(self, directory: Path) -> None:
-        self.base = Router.load(directory / "base")
-        if self.base.experts != self.experts:
-            raise RouterError(f"{directory}/base: experts {self.base.experts} differ from the guard's {self.experts}")
 
     def hyperparameters(self) -> dict[str, Any]:
         hp = dataclasses.asdict(self.config)
