@@ -73,6 +73,7 @@ def eval_command(
     max_tokens: Annotated[Optional[int], typer.Option("--max-tokens", min=1, help="Override the benchmark's generation length (a positive integer).")] = None,
     routing_table: Annotated[Optional[Path], typer.Option("--routing-table", help="Write the routing table (JSONL) of --systems on --bench here.")] = None,
     cost: Annotated[str, typer.Option("--cost", help="Routing-table cost: tokens (prompt + completion) or latency (seconds).")] = "tokens",
+    responses: Annotated[bool, typer.Option("--responses", help="Routing table: also keep each row's gold answer and every system's response (for collab fuse thought/distill).")] = False,
     compare: Annotated[bool, typer.Option("--compare", help="Compare finished run directories (the arguments): table and PNG chart.")] = False,
     plot: Annotated[Path, typer.Option("--plot", help="Where --compare writes its bar chart.")] = Path("eval-compare.png"),
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
@@ -112,6 +113,8 @@ def eval_command(
         raise typer.BadParameter("expected one SPEC (a spec .yaml or a model reference)")
     if system and systems:
         raise typer.BadParameter("give --system or --systems, not both")
+    if responses and routing_table is None:
+        raise typer.BadParameter("--responses belongs to --routing-table (it adds the responses to the table's rows)")
     benches = _split(bench)
     if not benches:
         raise typer.BadParameter("--bench is required (see 'collab eval --list')")
@@ -128,7 +131,8 @@ def eval_command(
         from evals.routing import collect_routing_table
 
         info = collect_routing_table(
-            build, names, benches, routing_table, limit=limit, runs_dir=out, cost=cost, batch_size=batch_size, mode=mode, progress=not quiet, resume_command=resume_command(ctx)
+            build, names, benches, routing_table, limit=limit, runs_dir=out, cost=cost, batch_size=batch_size, mode=mode, progress=not quiet,
+            resume_command=resume_command(ctx), responses=responses,
         )
         if as_json:
             print(json.dumps(info, indent=2))

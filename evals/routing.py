@@ -9,7 +9,10 @@ One JSONL line per query that every system answered::
 ``prompt`` is the text a router sees: the example's question without the
 benchmark's instructions or answer format. ``costs`` are tokens (prompt plus
 completion tokens the system reported; for log-likelihood scoring, the tokens
-scored) by default, or seconds of latency with ``cost="latency"``.
+scored) by default, or seconds of latency with ``cost="latency"``. With
+``responses=True`` each row also holds ``gold`` (the benchmark's reference answer,
+as text) and ``responses`` ({system: its output}): the table FusionFactory's
+thought and model levels learn from (``routers.fusion``).
 Each (benchmark, system) run is kept in ``runs_dir`` so collection resumes:
 after Ctrl-C (``collab.errors.Interrupted``) or a crash, the same call or
 command continues where it stopped.
@@ -30,9 +33,10 @@ from evals.runner import EvalInterrupted, EvalResult, evaluate
 COSTS = ("tokens", "latency")
 
 
-def routing_rows(results: Mapping[str, EvalResult], benchmark: str, cost: str = "tokens") -> list[dict[str, Any]]:
+def routing_rows(results: Mapping[str, EvalResult], benchmark: str, cost: str = "tokens", responses: bool = False) -> list[dict[str, Any]]:
     """Rows for one benchmark from each system's result, in benchmark order;
-    only the examples every system has a record for."""
+    only the examples every system has a record for; with ``responses``, each
+    row's gold answer and every system's output too."""
     if cost not in COSTS:
         raise CollabError(f"cost: expected one of {', '.join(COSTS)}, found {cost!r}")
     bench = get_benchmark(benchmark)
@@ -42,15 +46,17 @@ def routing_rows(results: Mapping[str, EvalResult], benchmark: str, cost: str = 
         recs = {s: m.get(ex.id) for s, m in by_system.items()}
         if any(r is None for r in recs.values()):
             continue
-        rows.append(
-            {
-                "id": f"{bench.name}/{ex.id}",
-                "task": bench.name,
-                "prompt": ex.question,
-                "scores": {s: min(1.0, max(0.0, float(r["score"]))) for s, r in recs.items()},  # type: ignore[index]
-                "costs": {s: float(r["tokens"]["total"]) if cost == "tokens" else float(r["latency"]) for s, r in recs.items()},  # type: ignore[index]
-            }
-        )
+        row = {
+            "id": f"{bench.name}/{ex.id}",
+            "task": bench.name,
+            "prompt": ex.question,
+            "scores": {s: min(1.0, max(0.0, float(r["score"]))) for s, r in recs.items()},  # type: ignore[index]
+            "costs": {s: float(r["tokens"]["total"]) if cost == "tokens" else float(r["latency"]) for s, r in recs.items()},  # type: ignore[index]
+        }
+        if responses:
+            row["gold"] = ex.gold if isinstance(ex.gold, str) else json.dumps(ex.gold)
+            row["responses"] = {s: str(r.get("output", "")) for s, r in recs.items()}  # type: ignore[union-attr]
+        rows.append(row)
     return rows
 
 
@@ -66,13 +72,15 @@ def collect_routing_table(
     mode: str = "auto",
     progress: bool = True,
     resume_command: str | None = None,
+    responses: bool = False,
 ) -> dict[str, Any]:
     """Evaluate every system on every benchmark and write the routing table to
     ``out`` (atomically). ``systems`` maps names to Systems, or is a function
     that builds one by name (e.g. ``spec.system``). Returns a summary: rows per
     task, mean score per system, where the runs are. Ctrl-C raises
     ``collab.errors.Interrupted`` naming what is saved and ``resume_command``
-    (the command line that resumes; without one, this call again)."""
+    (the command line that resumes; without one, this call again). ``responses``
+    adds each row's gold answer and the systems' outputs (``routing_rows``)."""
     if len(system_names) < 2:
         raise CollabError(f"a routing table needs at least 2 systems, found {len(system_names)}: {', '.join(system_names)}")
     if cost not in COSTS:
@@ -101,7 +109,7 @@ def collect_routing_table(
                 ) from None
             results[s] = res
             means.setdefault(bench.name, {})[s] = res.score
-        rows = routing_rows(results, bench.name, cost)
+        rows = routing_rows(results, bench.name, cost, responses)
         per_task[bench.name] = len(rows)
         all_rows.extend(rows)
     atomic_write_text(out, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in all_rows))
