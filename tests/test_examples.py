@@ -11,7 +11,7 @@ from collab.spec import load_spec
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
 
-@pytest.mark.parametrize("name", ["experts.yaml", "zoo-experts.yaml", "zoo.yaml"])
+@pytest.mark.parametrize("name", ["experts.yaml", "zoo-experts.yaml", "zoo.yaml", "fusion.yaml"])
 def test_example_spec_validates(name: str) -> None:
     spec = load_spec(EXAMPLES / name)
     assert spec.names()
