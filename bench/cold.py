@@ -46,6 +46,7 @@ sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != ROOT / "bench"
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))  # for bench.common
 from bench.common import log as common_log
+from bench.common import paired
 
 BASE = "zoo:smollm2-135m-instruct"
 SKILLS = ("arith", "lists", "units")
@@ -54,15 +55,6 @@ ZOO_EXPERTS = ("zoo:smol-arith", "zoo:smol-lists", "zoo:smol-units")
 
 def log(msg: str) -> None:
     common_log(msg, err=True)
-
-
-def paired(a: dict[str, float], b: dict[str, float], n_boot: int = 2000) -> dict[str, Any]:
-    """Mean of a - b over the shared ids, with its 95% paired bootstrap interval."""
-    from collab.stats import bootstrap_ci
-
-    ids = sorted(set(a) & set(b))
-    mean, lo, hi = bootstrap_ci([a[i] - b[i] for i in ids], n_boot)
-    return {"diff": round(mean, 4), "ci": [round(lo, 4), round(hi, 4)], "n": len(ids)}
 
 
 def score(model: Path | str, name: str, bench: str, limit: int, work: Path) -> dict[str, Any]:

@@ -1,5 +1,6 @@
-"""What the benchmark scripts share: timestamped log lines and a training
-progress callback that logs at most once a minute (and at the end)."""
+"""What the benchmark scripts share: timestamped log lines, a training
+progress callback that logs at most once a minute (and at the end), and the
+paired bootstrap difference of two systems' per-question scores."""
 
 from __future__ import annotations
 
@@ -24,3 +25,12 @@ def training_progress(every_s: float = 60.0) -> Callable[[str, int, int, float |
             log(f"  {phase} {done}/{total}" + (f" loss {loss:.4f}" if loss is not None else ""))
 
     return progress
+
+
+def paired(a: dict[str, float], b: dict[str, float], n_boot: int = 2000) -> dict[str, float]:
+    """Mean of a - b over the ids both score, with its 95% paired bootstrap interval."""
+    from collab.stats import bootstrap_ci
+
+    ids = sorted(set(a) & set(b))
+    mean, lo, hi = bootstrap_ci([a[i] - b[i] for i in ids], n_boot)
+    return {"diff": round(mean, 4), "ci": [round(lo, 4), round(hi, 4)], "n": len(ids)}

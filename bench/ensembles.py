@@ -41,7 +41,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != ROOT / "bench"]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))  # for bench.common
-from bench.common import log
+from bench.common import log, paired
 
 SPEC = ROOT / "examples" / "ensembles.yaml"
 ROUTED = ROOT / "examples" / "zoo.yaml"
@@ -85,15 +85,6 @@ def run(system: Any, name: str, bench: str, limit: int, work: Path, mode: str = 
         entry["cost_ratio"] = res.cost["ratio"]
     log(f"  {bench} · {name} ({res.mode}): {entry['text']}, {entry['cost_tokens_per_question']} model tokens/question, {time.time() - t0:.0f} s")
     return entry
-
-
-def paired(a: dict[str, float], b: dict[str, float], n_boot: int = 2000) -> dict[str, float]:
-    """Mean of a - b over the shared ids with its 95% paired bootstrap interval."""
-    from collab.stats import bootstrap_ci
-
-    ids = sorted(set(a) & set(b))
-    mean, lo, hi = bootstrap_ci([a[i] - b[i] for i in ids], n_boot)
-    return {"diff": round(mean, 4), "ci": [round(lo, 4), round(hi, 4)], "n": len(ids)}
 
 
 def verdict(name: str, entry: dict[str, Any], ref_name: str, ref: dict[str, Any]) -> str:
