@@ -26,7 +26,13 @@ from pathlib import Path
 from typing import Any
 
 from collab.zoo_build import DEFAULT_TARGETS, DomainExpertConfig
-from routers.fusion import SETTINGS, FusionError, distill_examples, read_fusion_table
+from routers.fusion import (
+    SETTINGS,
+    FusionError,
+    distill_examples,
+    read_fusion_table,
+    table_file,
+)
 
 RECORD = "distill.json"
 DATA = "distill_data.jsonl"
@@ -88,7 +94,7 @@ def distill(
     from collab.io import atomic_directory, atomic_write_json, sha256_file
     from collab.zoo_build import _finish_adapter, train_lora
 
-    table, out = Path(table), Path(out)
+    out = Path(out)
     if out.exists() and not (overwrite and (out / RECORD).is_file()):
         raise FusionError(f"{out}: already exists" + (" (pass --overwrite to replace it)" if (out / RECORD).is_file() else f" and is not a distilled model ({RECORD} not found)"))
     t0 = time.perf_counter()
@@ -101,7 +107,8 @@ def distill(
     examples = [skills.Example(id=d.id, skill="distill", question=d.prompt, answer=d.response) for d in data]
     tcfg = config.trainer(len(examples))
     ckpt = out.parent / f".{out.name}.checkpoint"
-    fingerprint = {"config": dataclasses.asdict(config), "table_sha256": sha256_file(table), "limit": limit}
+    table_sha256 = sha256_file(table_file(table))
+    fingerprint = {"config": dataclasses.asdict(config), "table_sha256": table_sha256, "limit": limit}
     stamp = out.parent / f".{out.name}.checkpoint.json"
     if ckpt.exists() and stamp.is_file() and json.loads(stamp.read_text(encoding="utf-8")) != fingerprint:
         raise FusionError(f"{ckpt}: the checkpoint of a run with other settings or another table; rerun with the same ones to resume, or delete it to start over")
@@ -112,7 +119,7 @@ def distill(
         "method": "FusionFactory model level (distillation of routing data)",
         "reference_url": "https://arxiv.org/abs/2507.10540",
         "config": dataclasses.asdict(config),
-        "source": {"name": table.name, "sha256": sha256_file(table), "rows": len(rows)},
+        "source": {"name": str(table) if str(table) == "routellm-gsm8k" else Path(table).name, "sha256": table_sha256, "rows": len(rows)},
         "examples": len(data),
         "by_source": dict(sorted(Counter(d.source for d in data).items())),
         "losses": run.losses,

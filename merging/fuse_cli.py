@@ -70,7 +70,7 @@ def _open(ref: str, spec: Optional[Path]) -> object:
 
 @thought_app.command("build")
 def thought_build_command(
-    table: Annotated[Path, typer.Option("--table", help="A routing table with responses (collab eval ... --routing-table OUT --responses).")],
+    table: Annotated[Path, typer.Option("--table", help="A routing table with responses (collab eval ... --routing-table OUT --responses), a RouteLLM .csv, or routellm-gsm8k (shipped).")],
     summariser: Annotated[str, typer.Option("--summariser", help="The model that writes the templates: zoo:NAME, a directory, a .gguf, or a system of --spec.")],
     out: Annotated[Path, typer.Option("--out", help="The thought bank directory to write.")],
     spec: Annotated[Optional[Path], typer.Option("--spec", help="A spec file whose system --summariser names.")] = None,
@@ -129,7 +129,7 @@ def thought_prompt_command(
 
 @fuse_app.command("distill")
 def distill_command(
-    table: Annotated[Path, typer.Option("--table", help="A routing table with responses and gold answers (collab eval ... --responses).")],
+    table: Annotated[Path, typer.Option("--table", help="A routing table with responses and gold answers (collab eval ... --responses), or routellm-gsm8k (shipped).")],
     out: Annotated[Path, typer.Option("--out", help="The LoRA adapter directory to write (Expert.load takes it).")],
     target: Annotated[str, typer.Option("--target", help="The model to fine-tune: zoo:NAME, a directory, a .gguf.")] = "zoo:smollm2-135m-instruct",
     k: Annotated[int, typer.Option("--k", min=0, help="Correct pool responses per query, beside the gold answer.")] = 5,

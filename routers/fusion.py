@@ -41,7 +41,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from collab.errors import CollabError
+from collab.errors import CollabError, RequestError
 from collab.system import BaseSystem, Completion, GenerationRequest, StreamChunk
 
 REFERENCE_URL = "https://arxiv.org/abs/2507.10540"
@@ -76,7 +76,10 @@ class FusionRow:
 
 # ------------------------------------------------------------------ reading
 def read_fusion_table(path: str | os.PathLike[str], need_gold: bool = False) -> list[FusionRow]:
-    """The rows of a routing table that holds responses (see the module docstring).
+    """The rows of a routing table that holds responses (see the module docstring): a JSONL
+    file, a RouteLLM CSV (its ``<model>_response`` columns), or ``routellm-gsm8k``, the shipped
+    RouteLLM GSM8K table (Mixtral-8x7B and GPT-4 with their responses; gold answers from
+    collab's GSM8K benchmark, matched by question).
 
     The canonical fields are checked as ``collab route train`` checks them; every row
     needs ``responses`` with a string for each expert it scores, and ``gold`` when
@@ -86,9 +89,11 @@ def read_fusion_table(path: str | os.PathLike[str], need_gold: bool = False) -> 
     from collab.io import jsonl_rows
     from routers.table import RoutingTable, TableError, TableWarning
 
+    if str(path) in ("routellm-gsm8k",) or str(path).endswith(".csv"):
+        return _routellm_rows(path, need_gold)
     p = Path(path)
     if not p.is_file():
-        raise FusionError(f"{p}: routing table not found")
+        raise FusionError(f"{p}: routing table not found (expected a .jsonl with responses, a RouteLLM .csv, or routellm-gsm8k)")
     raw: list[dict[str, Any]] = []
     lines: list[int] = []
     for n, row in jsonl_rows(p, FusionError):
@@ -139,6 +144,53 @@ def read_fusion_table(path: str | os.PathLike[str], need_gold: bool = False) -> 
                 scores={e: float(table.scores[i, j]) for j, e in enumerate(table.experts)},
                 costs={e: float(table.costs[i, j]) for j, e in enumerate(table.experts)},
                 judge=judge,
+            )
+        )
+    return out
+
+
+def table_file(ref: str | os.PathLike[str]) -> Path:
+    """The file behind a table reference (a shorthand names a shipped file): what a run records the SHA-256 of."""
+    from routers.table import ROUTING_DATA
+
+    return ROUTING_DATA / "routellm" / "gsm8k_responses.csv" if str(ref) == "routellm-gsm8k" else Path(ref)
+
+
+def _routellm_rows(ref: str | os.PathLike[str], need_gold: bool) -> list[FusionRow]:
+    import csv
+
+    from routers.table import TableError, from_routellm_csv
+
+    gsm8k = str(ref) == "routellm-gsm8k"
+    p = table_file(ref)
+    if not p.is_file():
+        raise FusionError(f"{p}: RouteLLM CSV not found")
+    try:
+        table = from_routellm_csv(p, task="gsm8k" if gsm8k else p.stem)
+    except TableError as e:
+        raise FusionError(str(e)) from None
+    csv.field_size_limit(1 << 30)
+    with p.open(encoding="utf-8", newline="") as f:
+        raw = list(csv.DictReader(f))
+    missing = [e for e in table.experts if f"{e}_response" not in raw[0]]
+    if missing:
+        raise FusionError(f"{p}: no '{missing[0]}_response' column: the CSV holds no responses for FusionFactory")
+    golds: dict[str, str] = {}
+    if gsm8k:
+        from evals.benchmarks import get_benchmark
+
+        golds = {_norm(ex.question): str(ex.gold) for ex in get_benchmark("gsm8k").examples()}
+    out = []
+    for i, r in enumerate(raw):
+        gold = golds.get(_norm(table.prompts[i]))
+        if need_gold and gold is None:
+            raise FusionError(f"{p}: row {i + 2}: no gold answer (the question is not in collab's GSM8K test set)" if gsm8k else f"{p}: a RouteLLM CSV has no gold answers; distillation needs them")
+        out.append(
+            FusionRow(
+                id=table.ids[i], task=table.tasks[i], prompt=table.prompts[i], gold=gold,
+                responses={e: r[f"{e}_response"] or "" for e in table.experts},
+                scores={e: float(table.scores[i, j]) for j, e in enumerate(table.experts)},
+                costs={e: float(table.costs[i, j]) for j, e in enumerate(table.experts)},
             )
         )
     return out
@@ -415,14 +467,13 @@ def build_thought_bank(
         raise FusionError(f"encoder: expected one that needs no fitting (minilm, lm, lm@LAYERS), found {encoder!r}")
     if pre < top:
         raise FusionError(f"pre: expected at least top={top} (the responses re-sorted by the judge), found {pre}")
-    table = Path(table)
     out = Path(out)
     if out.exists() and not (overwrite and (out / BANK_CONFIG).is_file()):
         raise FusionError(f"{out}: already exists" + (" (pass --overwrite to replace it)" if (out / BANK_CONFIG).is_file() else " and is not a thought bank"))
     rows = read_fusion_table(table)
     if limit is not None:
         rows = rows[:limit]
-    settings = {"source": {"name": table.name, "sha256": sha256_file(table)}, "summariser": summariser_ref, "top": top, "pre": pre, "max_tokens": max_tokens, "rows": len(rows)}
+    settings = {"source": {"name": str(table) if str(table) == "routellm-gsm8k" else Path(table).name, "sha256": sha256_file(table_file(table))}, "summariser": summariser_ref, "top": top, "pre": pre, "max_tokens": max_tokens, "rows": len(rows)}
     partial = out.parent / f".{out.name}.partial.jsonl"
     done = _read_partial(partial, settings)
     todo = [r for r in rows if r.id not in done]
@@ -437,7 +488,13 @@ def build_thought_bank(
                 GenerationRequest(messages=[{"role": "user", "content": summariser_prompt(r.prompt, [r.responses[e] for e in c])}], max_tokens=max_tokens)
                 for r, c in zip(batch, chosen)
             ]
-            comps = summariser.generate_batch(requests)
+            try:
+                comps = summariser.generate_batch(requests)
+            except RequestError as e:
+                raise FusionError(
+                    f"summarising {', '.join(r.id for r in batch)} of {table}: {e}; the summariser needs a longer context, or fewer responses "
+                    f"per query (--top); the {len(done)} templates done so far are kept in {partial}"
+                ) from e
             for r, c, comp in zip(batch, chosen, comps):
                 rec = {
                     "id": r.id, "task": r.task, "prompt": r.prompt, "gold": r.gold, "template": comp.text.strip(),

@@ -190,6 +190,15 @@ def test_routing_collection_records_gold_and_responses(tmp_path: Path) -> None:
     assert "responses" not in json.loads(plain.read_text().splitlines()[0])
 
 
+def test_the_shipped_routellm_gsm8k_table_has_responses_and_gold_answers() -> None:
+    rows = read_fusion_table("routellm-gsm8k", need_gold=True)
+    assert len(rows) == 1319 and set(rows[0].responses) == {"mistralai/Mixtral-8x7B-Instruct-v0.1", "gpt-4-1106-preview"}
+    assert rows[0].gold == "18" and "Janet" in rows[0].prompt and all(r.gold for r in rows)
+    assert all(len(r.responses["gpt-4-1106-preview"]) > 20 for r in rows[:20])
+    data = distill_examples(rows[:50], k=5)
+    assert sum(d.source == "gold" for d in data) == 50 and all(d.score is None or d.score > 0 for d in data)
+
+
 # ------------------------------------------------------------ retrieval
 def bank_of(entries: list[BankEntry], enc: HashEncoder | None = None) -> ThoughtBank:
     enc = enc or HashEncoder()
@@ -349,6 +358,29 @@ def test_cli_prompt_shows_the_retrieved_entries(real_bank: Path) -> None:
     assert out["prompt"].endswith("Sort these numbers 8, 9\n\nUse the thought templates above as guidance.")
     res = CliRunner().invoke(app, ["fuse", "thought", "prompt", "--bank", str(real_bank), "--k", "0", "Sort these numbers 8, 9"])
     assert res.exit_code == 0 and res.output.rstrip().endswith("\nSort these numbers 8, 9")
+
+
+def test_cli_builds_and_distills_from_the_shipped_routellm_table(tiny_model_dir: Path, tmp_path: Path) -> None:
+    bank = tmp_path / "bank"
+    args = ["fuse", "thought", "build", "--table", "routellm-gsm8k", "--summariser", str(tiny_model_dir), "--out", str(bank), "--limit", "4", "--max-tokens", "4", "--batch-size", "2", "-q"]
+    res = CliRunner().invoke(app, args)  # GPT-4's solutions do not fit the tiny model's 256 tokens
+    assert res.exit_code != 0 and not bank.exists()
+    msg = str(res.exception)
+    assert "summarising gsm8k-0, gsm8k-1 of routellm-gsm8k" in msg and "context window of 256 tokens" in msg and "--top" in msg
+    summ = Recorder("summ", "Work out each step, then give the number.")
+    with pytest.raises(FusionError, match="other settings"):  # the failed build's partial file is another run's
+        build_thought_bank("routellm-gsm8k", summ, bank, summariser_ref="fake", limit=4, encoder=HashEncoder())
+    bank = tmp_path / "bank2"
+    build_thought_bank("routellm-gsm8k", summ, bank, summariser_ref="fake", limit=4, encoder=HashEncoder())
+    cfg = json.loads((bank / "config.json").read_text())
+    assert cfg["entries"] == 4 and cfg["source"]["name"] == "routellm-gsm8k" and cfg["tasks"] == {"gsm8k": 4}
+    entries = [json.loads(x) for x in (bank / "templates.jsonl").read_text().splitlines()]
+    assert entries[0]["gold"] == "18" and [s["expert"] for s in entries[0]["sources"]] == ["mistralai/Mixtral-8x7B-Instruct-v0.1", "gpt-4-1106-preview"]  # both right: the cheaper first
+    assert "Solution 2:" in summ.seen[0].messages[0]["content"]
+    out = tmp_path / "distilled"
+    res = CliRunner().invoke(app, ["fuse", "distill", "--table", "routellm-gsm8k", "--target", str(tiny_model_dir), "--out", str(out), "--limit", "4", "--steps", "1", "--batch-size", "4", "-q"])
+    assert res.exit_code == 0, res.output
+    assert json.loads((out / "distill.json").read_text())["by_source"]["gold"] == 4
 
 
 def test_cli_distill_trains_an_adapter_that_loads(tiny_model_dir: Path, tmp_path: Path) -> None:
