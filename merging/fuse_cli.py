@@ -111,8 +111,10 @@ def thought_prompt_command(
     """Show what `type: thought` would send the target for QUESTION: the retrieved entries and the prompt."""
     import json
 
+    from collab.io import silence_library_progress
     from routers.fusion import MODES, FusionError, ThoughtBank, thought_prompt
 
+    silence_library_progress()  # the encoder's loading bar would precede a short answer
     if mode not in MODES:
         raise FusionError(f"--mode: expected one of {', '.join(MODES)}, found {mode!r}")
     b = ThoughtBank.load(bank)
