@@ -257,7 +257,7 @@ def build_domain_expert(
     target = out_root / name
     with atomic_directory(target, overwrite=True) as tmp:
         model.save_pretrained(str(tmp), safe_serialization=True)
-        _finish_adapter(tmp, config)
+        finish_adapter(tmp, config)
         atomic_write_json(
             tmp / "collab_train.json",
             {
@@ -276,7 +276,7 @@ def build_domain_expert(
     return target
 
 
-def _finish_adapter(adapter_dir: Path, config: DomainExpertConfig) -> None:
+def finish_adapter(adapter_dir: Path, config: DomainExpertConfig) -> None:
     """Point the adapter at its zoo base and store it in ``save_dtype`` to keep it small."""
     import torch
     from safetensors.torch import load_file, save_file

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -32,6 +33,7 @@ from routers.fusion import (
     distill_examples,
     read_fusion_table,
     table_file,
+    table_name,
 )
 
 RECORD = "distill.json"
@@ -92,7 +94,7 @@ def distill(
     rows) into the adapter directory ``out``; returns the run's record."""
     from collab import skills
     from collab.io import atomic_directory, atomic_write_json, sha256_file
-    from collab.zoo_build import _finish_adapter, train_lora
+    from collab.zoo_build import finish_adapter, train_lora
 
     out = Path(out)
     if out.exists() and not (overwrite and (out / RECORD).is_file()):
@@ -119,7 +121,7 @@ def distill(
         "method": "FusionFactory model level (distillation of routing data)",
         "reference_url": "https://arxiv.org/abs/2507.10540",
         "config": dataclasses.asdict(config),
-        "source": {"name": str(table) if str(table) == "routellm-gsm8k" else Path(table).name, "sha256": table_sha256, "rows": len(rows)},
+        "source": {"name": table_name(table), "sha256": table_sha256, "rows": len(rows)},
         "examples": len(data),
         "by_source": dict(sorted(Counter(d.source for d in data).items())),
         "losses": run.losses,
@@ -128,11 +130,9 @@ def distill(
     }
     with atomic_directory(out, overwrite=overwrite) as tmp:
         run.model.save_pretrained(str(tmp), safe_serialization=True)
-        _finish_adapter(tmp, tcfg)
+        finish_adapter(tmp, tcfg)
         (tmp / DATA).write_text("".join(json.dumps(dataclasses.asdict(d), ensure_ascii=False) + "\n" for d in data), encoding="utf-8")
         atomic_write_json(tmp / RECORD, record)
-    import shutil
-
     shutil.rmtree(ckpt, ignore_errors=True)
     stamp.unlink(missing_ok=True)
     return record

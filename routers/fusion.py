@@ -156,6 +156,11 @@ def table_file(ref: str | os.PathLike[str]) -> Path:
     return ROUTING_DATA / "routellm" / "gsm8k_responses.csv" if str(ref) == "routellm-gsm8k" else Path(ref)
 
 
+def table_name(ref: str | os.PathLike[str]) -> str:
+    """How a run names its table: the shorthand, or the file's name."""
+    return str(ref) if str(ref) == "routellm-gsm8k" else Path(ref).name
+
+
 def _routellm_rows(ref: str | os.PathLike[str], need_gold: bool) -> list[FusionRow]:
     import csv
 
@@ -473,7 +478,7 @@ def build_thought_bank(
     rows = read_fusion_table(table)
     if limit is not None:
         rows = rows[:limit]
-    settings = {"source": {"name": str(table) if str(table) == "routellm-gsm8k" else Path(table).name, "sha256": sha256_file(table_file(table))}, "summariser": summariser_ref, "top": top, "pre": pre, "max_tokens": max_tokens, "rows": len(rows)}
+    settings = {"source": {"name": table_name(table), "sha256": sha256_file(table_file(table))}, "summariser": summariser_ref, "top": top, "pre": pre, "max_tokens": max_tokens, "rows": len(rows)}
     partial = out.parent / f".{out.name}.partial.jsonl"
     done = _read_partial(partial, settings)
     todo = [r for r in rows if r.id not in done]
