@@ -406,11 +406,13 @@ class ThoughtBank:
             return [], task or ""
         if embedding is None:
             embedding = self.encoder.encode([query])[0]
+        embedding = np.asarray(embedding, dtype=np.float32)
+        embedding = embedding / max(float(np.linalg.norm(embedding)), 1e-12)  # cosine, whatever the encoder returns
         if task is None:
             task = self.task_for(embedding)
         elif task not in self.tasks:
             raise FusionError(f"task: the bank has no entries for task '{task}' (its tasks: {', '.join(self.tasks)})")
-        sims = self.embeddings @ np.asarray(embedding, dtype=np.float32)
+        sims = self.embeddings @ embedding
         own = _norm(query)
         cands = [i for i, e in enumerate(self.entries) if e.task == task and _norm(e.prompt) != own]
         cands.sort(key=lambda i: (-float(sims[i]), self.entries[i].id))
