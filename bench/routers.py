@@ -235,6 +235,7 @@ SHIFT_ROUTERS = {
     "partition (select=false)": ("partition", {"select": False}),
     "classifier (MLP 128-64 on minilm, ties to best mean)": ("classifier", {}),
     "classifier (ties to first listed)": ("classifier", {"ties": "first"}),
+    "ensemble (partition select=false + knn pls 16)": ("ensemble", {"members": ("partition:select=false", "knn:encoder=minilm+tfidf:project=16:reduce=128")}),
 }
 
 

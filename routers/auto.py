@@ -162,6 +162,7 @@ CANDIDATES: tuple[tuple[str, str, dict[str, Any]], ...] = (
     ("knn", "knn", {"encoder": "minilm+tfidf"}),
     ("knn-pls", "knn", {"encoder": "minilm+tfidf", "project": 16, "reduce": 128}),
     ("mlp", "mlp", {"encoder": "minilm"}),
+    ("partition+knn-pls", "ensemble", {"members": ("partition:select=false", "knn:encoder=minilm+tfidf:project=16:reduce=128")}),
     ("best-single", "best-single", {}),
 )
 

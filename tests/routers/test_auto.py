@@ -285,3 +285,17 @@ def test_spec_route_system_uses_an_adapted_router(tmp_path: Path, tiny_model_dir
     assert e["scores"]["b"] == pytest.approx(float(want[1]))
     c = sys_.generate(GenerationRequest(prompt=hist[0], max_tokens=3))
     assert c.trace["routed_to"] == e["routed_to"]
+
+
+def test_every_shipped_candidate_is_a_valid_router() -> None:
+    from routers import auto
+
+    names = [n for n, _, _ in auto.CANDIDATES]
+    assert len(set(names)) == len(names) and names[-1] == "best-single"
+    from routers.learned import parse_member
+
+    for _, key, opts in auto.CANDIDATES:
+        make_router(key, **opts)  # an unknown option or kind fails here, not after minutes of fitting
+        for member in opts.get("members", ()):
+            member_key, member_opts = parse_member(member)
+            make_router(member_key, **member_opts)
