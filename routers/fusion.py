@@ -41,6 +41,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
+from collab.artefacts import ArtefactKind, read_artefact_config
 from collab.errors import CollabError, RequestError
 from collab.system import BaseSystem, Completion, GenerationRequest, StreamChunk
 
@@ -53,6 +54,12 @@ MODES = ("thought", "fewshot")
 SETTINGS = ("perf", "judge", "gold")
 #: The reference truncates each response to this many characters in the summariser's prompt.
 RESPONSE_CHARS = 1000
+
+
+BANK_KIND = ArtefactKind(
+    type="thought_bank", version=BANK_VERSION, required=("encoder", "entries"), noun="thought bank",
+    description="a thought bank of FusionFactory templates", train_command="collab fuse thought build",
+)
 
 
 class FusionError(CollabError, ValueError):
@@ -365,17 +372,7 @@ class ThoughtBank:
         from safetensors.numpy import load_file
 
         d = Path(path)
-        cfg_path = d / BANK_CONFIG
-        if not cfg_path.is_file():
-            raise FusionError(f"{d}: not a thought bank ({BANK_CONFIG} not found; build one with: collab fuse thought build)")
-        try:
-            config = json.loads(cfg_path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as e:
-            raise FusionError(f"{cfg_path}: not valid JSON ({e.msg})") from e
-        if config.get("kind") != "thought_bank":
-            raise FusionError(f"{cfg_path}: kind: expected 'thought_bank', found {config.get('kind')!r}")
-        if config.get("version") != BANK_VERSION:
-            raise FusionError(f"{cfg_path}: version: expected {BANK_VERSION}, found {config.get('version')!r}")
+        _, config = read_artefact_config(d, BANK_KIND, FusionError)
         entries = [_entry(row, f"{d / BANK_ENTRIES}:{n}") for n, row in _rows(d / BANK_ENTRIES)]
         tensors = d / BANK_TENSORS
         if not tensors.is_file():
@@ -518,7 +515,7 @@ def build_thought_bank(
     emb = np.asarray(enc.encode([e.prompt for e in entries]), dtype=np.float32)
     emb /= np.maximum(np.linalg.norm(emb, axis=1, keepdims=True), 1e-12)
     config = {
-        "kind": "thought_bank",
+        "type": "thought_bank",
         "version": BANK_VERSION,
         "method": "FusionFactory thought level",
         "reference_url": REFERENCE_URL,

@@ -299,16 +299,19 @@ def test_build_writes_a_bank_that_loads_and_resumes_after_an_interruption(tmp_pa
     assert first.index("Solution 1:\nb0") < first.index("Solution 2:\nc0") < first.index("Solution 3:\na0")
     assert bank.entries[0].sources[0] == {"expert": "b", "score": 1.0, "cost": 5.0}
     cfg = json.loads((out / "config.json").read_text())
-    assert cfg["kind"] == "thought_bank" and cfg["entries"] == 6 and cfg["summariser"] == "fake" and cfg["top"] == 3
+    assert cfg["type"] == "thought_bank" and cfg["entries"] == 6 and cfg["summariser"] == "fake" and cfg["top"] == 3
     with pytest.raises(FusionError, match="already exists"):
         build_thought_bank(table, again, out, summariser_ref="fake", encoder=HashEncoder())
 
 
 def test_bank_load_errors_name_the_file(tmp_path: Path) -> None:
-    with pytest.raises(FusionError, match="not a thought bank"):
+    with pytest.raises(FusionError, match="no config.json .not a trained thought bank; train one with: collab fuse thought build"):
         ThoughtBank.load(tmp_path)
-    (tmp_path / "config.json").write_text(json.dumps({"kind": "router"}))
-    with pytest.raises(FusionError, match="kind: expected 'thought_bank', found 'router'"):
+    (tmp_path / "config.json").write_text(json.dumps({"type": "knn"}))
+    with pytest.raises(FusionError, match=r"config.json: type: expected 'thought_bank' \(a thought bank of FusionFactory templates\), found 'knn'"):
+        ThoughtBank.load(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps({"type": "thought_bank", "version": 1, "encoder": {"type": "minilm"}, "entries": 0}))
+    with pytest.raises(FusionError, match=r"templates.jsonl: not found"):
         ThoughtBank.load(tmp_path)
 
 
@@ -338,7 +341,7 @@ def test_thought_type_in_a_spec_validates_and_routes_to_the_target(real_bank: Pa
     for system, message in (
         ({"type": "thought", "bank": str(real_bank), "target": "tiny", "mode": "cot"}, "systems.th.mode: expected one of thought, fewshot"),
         ({"type": "thought", "bank": str(real_bank), "target": "nobody"}, "systems.th.target"),
-        ({"type": "thought", "bank": str(tmp_path), "target": "tiny"}, "systems.th.bank: .*not a thought bank"),
+        ({"type": "thought", "bank": str(tmp_path), "target": "tiny"}, "systems.th.bank: .*not a trained thought bank"),
         ({"type": "thought", "bank": str(real_bank), "target": "tiny", "k": -1}, "systems.th.k"),
         ({"type": "thought", "bank": str(real_bank), "target": "tiny", "topk": 2}, "systems.th.topk: unknown key"),
     ):
