@@ -419,3 +419,8 @@ def test_shipped_thought_spec_answers_with_templates_on_the_real_model() -> None
         assert comp.trace["mode"] == name.split("-")[1] and len(comp.trace["retrieved"]) == k
         assert all(r["id"].startswith("skill:mixed-dev/arith-") for r in comp.trace["retrieved"][:3])  # nearest: additions of the dev set
         assert comp.usage.prompt_tokens > 150 and 0 < comp.usage.completion_tokens <= 8
+
+
+def test_cli_responses_needs_a_routing_table() -> None:
+    res = CliRunner().invoke(app, ["eval", "zoo:smollm2-135m-instruct", "--bench", "skill:arith", "--responses"])
+    assert res.exit_code == 2 and "--responses belongs to --routing-table" in res.output
