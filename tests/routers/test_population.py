@@ -214,6 +214,11 @@ def test_empty_context_gives_the_population_agnostic_router(
     )
 
 
+def _add_coder(r: PopulationRouter, table: RoutingTable, idx: np.ndarray) -> None:
+    """Add the table's 'coder' as a new expert from its rows ``idx`` (its demonstrations)."""
+    r.add_context("coder", r.features([table.prompts[i] for i in idx]), table.scores[idx, table.experts.index("coder")])
+
+
 def _drop_added(r: PopulationRouter, keep: int) -> None:
     """Undo in-memory add_context calls (the module-scoped fixture is shared)."""
     del r.experts[keep:], r.ctx_rows[keep:], r.ctx_y[keep:], r.ctx_info[keep:]
@@ -227,11 +232,7 @@ def test_adding_an_expert_changes_no_parameter(
     old = fitted.predict(test_table.prompts)
     n = len(fitted.experts)
     idx = _demos(table, 20)
-    fitted.add_context(
-        "coder",
-        fitted.features([table.prompts[i] for i in idx]),
-        table.scores[idx, table.experts.index("coder")],
-    )
+    _add_coder(fitted, table, idx)
     try:
         after = fitted.net.state_dict()
         assert before.keys() == after.keys() and all(
@@ -253,11 +254,7 @@ def test_deferrals_never_exceed_the_budget(
     budgeted expert (the one the best policy would use most) never gets more than its share."""
     n = len(fitted.experts)
     idx = _demos(table, 30)
-    fitted.add_context(
-        "coder",
-        fitted.features([table.prompts[i] for i in idx]),
-        table.scores[idx, table.experts.index("coder")],
-    )
+    _add_coder(fitted, table, idx)
     try:
         pred = fitted.predict(test_table.prompts)
         assert pred.shape[1] == n + 1
@@ -293,11 +290,7 @@ def test_a_new_expert_from_twenty_demonstrations_gets_its_topic(
     code = np.array(test_table.tasks) == "code"
     without = te.scores[np.arange(len(te)), r.predict(te.prompts).argmax(1)].mean()
     idx = _demos(table, 20, seed=3)
-    r.add_context(
-        "coder",
-        r.features([table.prompts[i] for i in idx]),
-        table.scores[idx, table.experts.index("coder")],
-    )
+    _add_coder(r, table, idx)
     full = test_table.select_experts(r.experts)
     choice = r.predict(full.prompts).argmax(1)
     assert (choice[code] == len(KNOWN)).mean() > 0.6
