@@ -169,9 +169,7 @@ def table_name(ref: str | os.PathLike[str]) -> str:
 
 
 def _routellm_rows(ref: str | os.PathLike[str], need_gold: bool) -> list[FusionRow]:
-    import csv
-
-    from routers.table import TableError, from_routellm_csv
+    from routers.table import TableError, _read_csv, from_routellm_csv
 
     gsm8k = str(ref) == "routellm-gsm8k"
     p = table_file(ref)
@@ -181,9 +179,7 @@ def _routellm_rows(ref: str | os.PathLike[str], need_gold: bool) -> list[FusionR
         table = from_routellm_csv(p, task="gsm8k" if gsm8k else p.stem)
     except TableError as e:
         raise FusionError(str(e)) from None
-    csv.field_size_limit(1 << 30)
-    with p.open(encoding="utf-8", newline="") as f:
-        raw = list(csv.DictReader(f))
+    raw = _read_csv(p)
     missing = [e for e in table.experts if f"{e}_response" not in raw[0]]
     if missing:
         raise FusionError(f"{p}: no '{missing[0]}_response' column: the CSV holds no responses for FusionFactory")
@@ -554,14 +550,6 @@ def _read_partial(partial: Path, settings: dict[str, Any]) -> dict[str, dict[str
 
 
 # ------------------------------------------------------------- the system
-def _query(request: GenerationRequest) -> str:
-    if request.prompt is not None:
-        return request.prompt
-    assert request.messages is not None
-    users = [m["content"] for m in request.messages if m["role"] == "user"]
-    return users[-1] if users else ""
-
-
 class ThoughtSystem(BaseSystem):
     """A target system whose prompts carry retrieved thought templates (or, in
     ``fewshot`` mode, retrieved questions with their gold answers).
@@ -584,7 +572,7 @@ class ThoughtSystem(BaseSystem):
 
     def augment(self, requests: Sequence[GenerationRequest]) -> list[tuple[GenerationRequest, dict[str, Any]]]:
         """Each request with the retrieved entries prepended, and what was retrieved."""
-        queries = [_query(r) for r in requests]
+        queries = [r.text_for_routing(last_turn_only=True) for r in requests]
         embs = self.bank.encoder.encode(queries) if self.k > 0 else [None] * len(queries)
         out = []
         for req, q, emb in zip(requests, queries, embs):
