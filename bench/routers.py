@@ -18,7 +18,7 @@ Shift-aware figures (random, grouped and reweighted-mix splits; --router auto ne
 
 and label-free prior adaptation (`route adapt`) on simulated shifts:
 
-    .venv/bin/python bench/routers.py --skip-quality --skip-loto --skip-routellm --skip-latency --adapt partition:select=false
+    .venv/bin/python bench/routers.py --skip-quality --skip-loto --skip-routellm --skip-latency --adapt partition:select=false --adapt-seeds 1,2,3
 
 Prints Markdown tables (results for docs/benchmarks.md) and writes them to
 runs/bench-routers.json.
@@ -249,7 +249,13 @@ def shift(seeds: tuple[int, ...] = (1, 2, 3), routers: tuple[str, ...] = tuple(S
     task mixes (each task in turn given half the weight; mean and worst over mixes).
     Figures: share of the best-single-to-oracle gap closed, best single chosen on the
     (weighted) test rows, as ``route eval`` does."""
-    from routers.auto import gap_closed, grouped_folds, near_duplicate_groups, select_router, tilted_mixes
+    from routers.auto import (
+        gap_closed,
+        grouped_folds,
+        near_duplicate_groups,
+        select_router,
+        tilted_mixes,
+    )
     from routers.encoders import minilm
 
     table = from_llmrouter()
@@ -291,10 +297,21 @@ def shift(seeds: tuple[int, ...] = (1, 2, 3), routers: tuple[str, ...] = tuple(S
     return {"rows": rows, "near_duplicate_rows": int((np.bincount(groups)[groups] > 1).sum())}
 
 
-def adaptation(seed: int = 1, router: str = "partition:select=false", draws: int = 800) -> list[dict]:
+def adaptation(seed: int = 1, router: str = "partition:select=false", n: int = 800, draws: int = 10) -> list[dict]:
     """``route adapt`` on simulated shifts of a random split's test part: gap closed before and
-    after the EM prior adaptation (the labels only score; the EM sees prompts' predictions)."""
-    from routers.adapt import adapt, adjust
+    after each method, averaged over ``draws`` samples of ``n`` prompts per shift (the labels
+    only score; the methods see the prompts' predictions). Columns: the base router; its
+    predictions re-expressed under the sample's *true* rates (``adjust`` with the labels'
+    means: what a perfect per-expert prior estimate would give, the ceiling of EM-style
+    adaptation); the EM (``--method em``, plain and the MAP default); and ``--method tilt``
+    with the share of samples it applied to."""
+    from routers.adapt import (
+        adjust,
+        em_priors,
+        tilt_adjust,
+        tilt_calibration,
+        tilt_estimate,
+    )
     from routers.auto import gap_closed
     from routers.learned import parse_member
 
@@ -302,34 +319,43 @@ def adaptation(seed: int = 1, router: str = "partition:select=false", draws: int
     tr, te = table.split(0.2, seed)
     key, opts = parse_member(router)
     r = make_router(key, seed=seed, **opts).fit(tr)
-    r.meta["train_mean_scores"] = [float(v) for v in tr.scores.mean(0)]
+    pri = tr.scores.mean(0)
     pred = r.predict(te.prompts)
+    cal = tilt_calibration(r, tr, seed=seed)
+    te_shape = cal.shape_of(te.prompts)
     rng = np.random.default_rng(seed)
     tasks = np.asarray(te.tasks)
-    shifts: list[tuple[str, np.ndarray]] = [("none", np.full(len(te), 1.0 / len(te)))]
+    shifts: list[tuple[str, str, np.ndarray]] = [("none", "none", np.ones(len(te)))]
     for task in sorted(set(te.tasks)):
-        w = np.where(tasks == task, 0.5 / (tasks == task).mean(), 0.5 / (tasks != task).mean())
-        shifts.append((f"task mix: half {task}", w / w.sum()))
+        shifts.append(("task mix", f"half {task}", np.where(tasks == task, 0.5 / (tasks == task).mean(), 0.5 / (tasks != task).mean())))
     for beta in (2.0, 4.0):
-        w = np.exp(-beta * te.scores.mean(1))
-        shifts.append((f"harder (weight exp(-{beta:g} x mean score))", w / w.sum()))
-    best = int(tr.scores.mean(0).argmax())
-    w = np.where(te.scores[:, best] > 0.5, 0.3, 1.0)
-    shifts.append((f"best expert right less often ({table.experts[best]})", w / w.sum()))
+        shifts.append(("label", f"harder (weight exp(-{beta:g} x mean score))", np.exp(-beta * te.scores.mean(1))))
+    best = int(pri.argmax())
+    shifts.append(("label", f"{table.experts[best]} right less often (x0.3)", np.where(te.scores[:, best] > 0.5, 0.3, 1.0)))
+    for j in np.argsort(-pri)[1:4]:
+        shifts.append(("label", f"{table.experts[j]} right more often (x3)", np.where(te.scores[:, j] > 0.5, 3.0, 1.0)))
     out = []
-    for name, w in shifts:
-        idx = rng.choice(len(te), draws, p=w)
-        s = te.scores[idx]
-        g0 = gap_closed(s[np.arange(len(s)), pred[idx].argmax(1)], s)
-        moved = float(np.abs(s.mean(0) - tr.scores.mean(0)).max())
-        row = {"shift": name, "true_max_prior_change": moved, "gap_before": g0}
-        for label, strength in (("em", 0.0), ("map", float(len(tr)))):
-            ar = adapt(r, [te.prompts[i] for i in idx], strength=strength)
-            adj = adjust(pred[idx], ar.train_priors, ar.priors, ar.config.mode) if ar.applied else pred[idx]
-            est = max(abs(v["change"]) for v in ar.meta["adapted"]["priors"].values())
-            row[label] = {"estimated_max_prior_change": est, "applied": ar.applied, "gap_after": gap_closed(s[np.arange(len(s)), adj.argmax(1)], s)}
+    for kind, name, w in shifts:
+        acc: dict[str, list[float]] = {k: [] for k in ("base", "true_rates", "em", "map", "tilt", "tilt_applied", "true_change")}
+        for _ in range(draws):
+            idx = rng.choice(len(te), n, p=w / w.sum())
+            s, p = te.scores[idx], pred[idx]
+
+            def gap(q: np.ndarray, s: np.ndarray = s) -> float:
+                return gap_closed(s[np.arange(len(s)), q.argmax(1)], s)
+
+            est = tilt_estimate(p, te_shape[idx], cal)
+            acc["base"].append(gap(p))
+            acc["true_rates"].append(gap(adjust(p, pri, s.mean(0))))
+            acc["em"].append(gap(em_priors(p, pri)[1]))
+            new_map, adj_map, _ = em_priors(p, pri, strength=float(len(tr)))
+            acc["map"].append(gap(adj_map) if np.abs(new_map - pri).max() >= 0.02 else gap(p))
+            acc["tilt"].append(gap(tilt_adjust(p, est["theta"])) if est["applied"] else gap(p))
+            acc["tilt_applied"].append(float(est["applied"]))
+            acc["true_change"].append(float(np.abs(s.mean(0) - pri).max()))
+        row = {"kind": kind, "shift": name, **{k: float(np.mean(v)) for k, v in acc.items()}}
         out.append(row)
-        print(f"adapt {name:52s} true max change {moved:.2f} gap {g0:+.3f}; EM: est {row['em']['estimated_max_prior_change']:.2f} -> {row['em']['gap_after']:+.3f}; MAP (strength {len(tr)}): est {row['map']['estimated_max_prior_change']:.2f} -> {row['map']['gap_after']:+.3f}", file=sys.stderr, flush=True)
+        print(f"adapt {kind:8s} {name:60s} true change {row['true_change']:.2f}  base {row['base']:+.3f}  true rates {row['true_rates']:+.3f}  EM {row['em']:+.3f}  MAP {row['map']:+.3f}  tilt {row['tilt']:+.3f} (applied {row['tilt_applied']:.0%})", file=sys.stderr, flush=True)
     return out
 
 
@@ -479,6 +505,7 @@ def main() -> None:
     ap.add_argument("--shift-routers", default="", help="names of SHIFT_ROUTERS joined by ';' (default all)")
     ap.add_argument("--no-auto", action="store_true", help="leave --router auto out of the shift table")
     ap.add_argument("--adapt", default="", help="route adapt on simulated shifts around this router spec, e.g. 'partition:select=false'")
+    ap.add_argument("--adapt-seeds", default="1", help="comma-separated seeds of the random splits for --adapt (tilt's defaults were chosen on 1 and 2)")
     ap.add_argument("--out", default="runs/bench-routers.json")
     a = ap.parse_args()
     out: dict = {}
@@ -495,7 +522,7 @@ def main() -> None:
     if a.shift:
         out["shift"] = shift(tuple(int(x) for x in a.shift_seeds.split(",")), tuple(x for x in a.shift_routers.split(";") if x) or tuple(SHIFT_ROUTERS), not a.no_auto)
     if a.adapt:
-        out.setdefault("adapt", {})[a.adapt] = adaptation(router=a.adapt)
+        out.setdefault("adapt", {})[a.adapt] = {f"seed {sd}": adaptation(seed=int(sd), router=a.adapt) for sd in a.adapt_seeds.split(",")}
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     prev = json.loads(Path(a.out).read_text()) if Path(a.out).is_file() else {}
     prev.update(out)

@@ -20,6 +20,32 @@ between experts, so it changes which expert ranks first where the estimated rate
 For the ``classifier`` router, whose outputs are one distribution over "which expert is
 best", it is the original multi-class EM on those classes. Estimated priors that move by
 less than ``min_change`` (EM on a few hundred prompts is noisy) leave the router as it was.
+
+The per-expert EM reads any change of the prompt mix as changed rates, and the experts'
+rates are correlated (a hard prompt is hard for all), so on LLMRouter it over-corrects.
+``method='tilt'`` (needs the training table) models label shift on the *joint*
+correctness vector y in {0,1}^E instead: the new traffic is the training traffic
+reweighted by exp(theta . y), p(x | y) unchanged. theta is fitted by matching the mean
+out-of-fold predictions of the router on its training table, reweighted, to the mean
+predictions on the new prompts (a ridge-penalised method of moments, like black-box shift
+estimation, Lipton et al. 2018, with correlated labels), penalising differences between the
+experts' tilts (a uniform tilt, traffic harder or easier for all, changes no choice), and the
+router's predictions become sigmoid(logit p_j(x) + theta_j). Two tests guard it, both on
+the same moments:
+
+- label shift at all? The new prompts' shape, i.e. their proportions in ``clusters`` k-means
+  cells of the training prompts and their mean along its leading principal components, gives
+  extra moments the reweighting must reproduce (Hansen's over-identification test): a change
+  of task mix moves prompts in a way no reweighting of y explains, and is rejected (the
+  router's per-prompt predictions already follow a covariate shift, so it is left as it was);
+- any shift? The fit must beat theta = 0 by more than the chi-square quantile for E
+  parameters.
+
+Only when the first test passes and the second rejects "no shift" is theta applied.
+The defaults (16 cells, 16 components, ``spread`` 20, both tests at level 0.1) were chosen on
+simulated shifts of LLMRouter's seed-1 and seed-2 splits (bench/routers.py ``--adapt``): a
+stricter test adapts to fewer label shifts, a looser one let a larger share of open-QA
+traffic through as label shift, which it is not, and lost 12 points of the gap there.
 """
 
 from __future__ import annotations
@@ -89,6 +115,153 @@ def adjust(pred: np.ndarray, train_priors: np.ndarray, priors: np.ndarray, mode:
     return a / (a + b)
 
 
+def _tilt_weights(y: np.ndarray, theta: np.ndarray) -> np.ndarray:
+    """Normalised row weights exp(theta . y_i) / sum."""
+    lw = y @ theta
+    lw = lw - lw.max()
+    w = np.exp(lw)
+    return w / w.sum()
+
+
+def fit_tilt(new: np.ndarray, val: np.ndarray, y: np.ndarray, ridge: float = 1.0, spread: float = 0.0) -> tuple[np.ndarray, float, float]:
+    """Label shift by exponential tilt, by the method of moments: (theta (E,), J at theta, J at 0).
+
+    ``val`` (n, m): features of the training rows (out-of-fold predictions, prompt-shape
+    features); ``y`` (n, E): their correctness; ``new`` (n', m): the same features on the new
+    prompts. theta minimises J(theta) + ridge |theta|^2 + spread |theta - mean(theta)|^2, where
+    J is the squared distance between the mean of ``new`` and the exp(theta . y)-weighted mean
+    of ``val``, each moment divided by the variance of that difference (diagonal: the
+    moments' correlations are ignored). ``spread`` penalises differences between the experts'
+    tilts only: a uniform tilt (traffic harder or easier for every expert) changes no choice."""
+    from scipy.optimize import minimize
+
+    new, val, y = (np.asarray(a, dtype=np.float64) for a in (new, val, y))
+    e = y.shape[1]
+    m = new.mean(axis=0)
+    v = new.var(axis=0) / len(new) + val.var(axis=0) / len(val) + 1e-8
+    centre = np.eye(e) - 1.0 / e
+
+    def j(theta: np.ndarray) -> tuple[float, np.ndarray]:
+        w = _tilt_weights(y, theta)
+        mu = w @ val
+        r = (mu - m) / v
+        dmu = (val * w[:, None]).T @ (y - w @ y)  # (m, E): d mu / d theta
+        return float(((mu - m) ** 2 / v).sum()), 2.0 * dmu.T @ r
+
+    def objective(theta: np.ndarray) -> tuple[float, np.ndarray]:
+        val_, grad = j(theta)
+        d = centre @ theta
+        return val_ + ridge * float(theta @ theta) + spread * float(d @ d), grad + 2.0 * ridge * theta + 2.0 * spread * (centre @ d)
+
+    res = minimize(objective, np.zeros(e), jac=True, method="L-BFGS-B", bounds=[(-5.0, 5.0)] * e)
+    return res.x, j(res.x)[0], j(np.zeros(e))[0]
+
+
+def tilt_adjust(pred: np.ndarray, theta: np.ndarray) -> np.ndarray:
+    """P(right) under the tilted traffic: sigmoid(logit p + theta) per expert."""
+    p = np.clip(np.asarray(pred, dtype=np.float64), _EPS, 1 - _EPS)
+    z = np.log(p / (1 - p)) + np.asarray(theta, dtype=np.float64)
+    return 1.0 / (1.0 + np.exp(-z))
+
+
+@dataclasses.dataclass
+class TiltCalibration:
+    """What ``method='tilt'`` learns from the training table: the router's out-of-fold
+    predictions, the rows' correctness, and the prompts' shape (k-means cell and leading
+    principal components in an encoder's space)."""
+
+    oof: np.ndarray
+    """(n, E) predictions for each training row by a router fitted without its fold."""
+    y: np.ndarray
+    """(n, E) the rows' scores (clipped to [0, 1])."""
+    shape: np.ndarray
+    """(n, K + P) the training prompts' cell (one-hot) and principal components."""
+    centroids: np.ndarray
+    """(K, d) cell centres."""
+    basis: np.ndarray
+    """(d, P) principal directions (of the centred training vectors)."""
+    centre: np.ndarray
+    """(d,) mean training vector."""
+    encoder: Any
+    folds: int
+
+    def shape_of(self, prompts: Sequence[str]) -> np.ndarray:
+        """(n, K + P) the shape features of new prompts."""
+        return self.shape_of_vectors(self.encoder.encode(list(prompts)).astype(np.float64))
+
+    def shape_of_vectors(self, x: np.ndarray) -> np.ndarray:
+        from routers.learned import _nearest
+
+        cells = np.eye(len(self.centroids))[_nearest(x, self.centroids)]
+        return np.hstack([cells, (x - self.centre) @ self.basis])
+
+    @property
+    def degrees(self) -> int:
+        """Independent shape moments: the cells' proportions sum to one."""
+        return self.shape.shape[1] - 1
+
+
+def tilt_calibration(router: Router, table: Any, folds: int = 5, clusters: int = 16, components: int = 16, encoder: str = "minilm", seed: int = 0, where: str = "router") -> TiltCalibration:
+    """Refit ``router``'s own configuration in ``folds`` stratified folds of ``table`` (its
+    training rows) for out-of-fold predictions; describe the prompts by ``clusters`` k-means
+    cells and ``components`` principal components of ``encoder``'s vectors."""
+    from sklearn.cluster import KMeans
+
+    from routers.encoders import make_encoder
+
+    if folds < 2:
+        raise RouterError(f"--folds: expected at least 2, found {folds}")
+    if clusters < 2:
+        raise RouterError(f"--clusters: expected at least 2, found {clusters}")
+    if components < 0:
+        raise RouterError(f"--components: expected a number >= 0, found {components}")
+    if len(table) < max(2 * folds, 2 * clusters):
+        raise RouterError(f"{where}: method 'tilt' needs at least {max(2 * folds, 2 * clusters)} training rows for {folds} folds and {clusters} cells, found {len(table)}")
+    if list(table.experts) != list(router.experts):
+        raise RouterError(f"{where}: the table's experts {list(table.experts)} differ from the router's {list(router.experts)}")
+    klass = type(router)
+    fields = {f.name for f in dataclasses.fields(klass.config_cls)}
+    hp = {k: v for k, v in router.hyperparameters().items() if k in fields}
+    oof = np.zeros(table.scores.shape)
+    for tr, va in table.folds(folds, seed):
+        r = klass(klass.config_cls(**hp)).fit(table.subset(tr))
+        oof[va] = r.predict([table.prompts[i] for i in va])
+    enc = make_encoder(encoder)
+    if hasattr(enc, "fit"):
+        enc.fit(table.prompts)
+    x = enc.encode(table.prompts).astype(np.float64)
+    km = KMeans(n_clusters=clusters, n_init=3, random_state=seed).fit(x)
+    centre = x.mean(axis=0)
+    p = min(components, x.shape[1], len(x) - 1)
+    basis = np.linalg.svd(x - centre, full_matrices=False)[2][:p].T if p > 0 else np.zeros((x.shape[1], 0))
+    cal = TiltCalibration(oof=oof, y=np.clip(table.scores, 0.0, 1.0), shape=np.zeros((len(x), 0)), centroids=km.cluster_centers_, basis=basis, centre=centre, encoder=enc, folds=folds)
+    cal.shape = cal.shape_of_vectors(x)
+    return cal
+
+
+def tilt_estimate(pred: np.ndarray, new_shape: np.ndarray, cal: TiltCalibration, ridge: float = 1.0, spread: float = 20.0, alpha: float = 0.1) -> dict[str, Any]:
+    """theta and the two tests (module docstring) for new prompts with predictions ``pred``
+    and shape features ``new_shape``: {'theta', 'applied', 'j_shape', 'j_shape_limit',
+    'j_gain', 'j_gain_limit', 'priors', 'reason'}."""
+    from scipy.stats import chi2
+
+    theta, j_fit, j_zero = fit_tilt(pred, cal.oof, cal.y, ridge, spread)
+    _, j_shape, _ = fit_tilt(np.hstack([pred, new_shape]), np.hstack([cal.oof, cal.shape]), cal.y, ridge, spread)
+    e = cal.y.shape[1]
+    shape_limit, gain_limit = float(chi2.ppf(1 - alpha, cal.degrees)), float(chi2.ppf(1 - alpha, e))
+    label_shift = j_shape < shape_limit
+    shifted = j_zero - j_fit > gain_limit
+    applied = bool(label_shift and shifted)
+    if not label_shift:
+        reason = f"the new prompts differ from the training prompts in a way no reweighting of the experts' correctness explains (J {j_shape:.1f} >= {shape_limit:.1f}): a change of prompt mix, which the router's per-prompt predictions already follow; left as it was"
+    elif not shifted:
+        reason = f"no significant change in how often the experts are right (fit gain {j_zero - j_fit:.1f} < {gain_limit:.1f}); left as it was"
+    else:
+        reason = f"label shift (prompt shape J {j_shape:.1f} < {shape_limit:.1f}; fit gain {j_zero - j_fit:.1f} > {gain_limit:.1f}): predictions adjusted"
+    priors = _tilt_weights(cal.y, theta) @ cal.y
+    return {"theta": theta, "applied": applied, "j_shape": j_shape, "j_shape_limit": shape_limit, "j_gain": j_zero - j_fit, "j_gain_limit": gain_limit, "priors": priors, "reason": reason}
+
+
 @dataclasses.dataclass
 class AdaptedRouterConfig(RouterConfig):
     """A trained router whose predictions are re-expressed under priors estimated on new traffic."""
@@ -96,7 +269,8 @@ class AdaptedRouterConfig(RouterConfig):
     bounds: ClassVar[dict[str, Bound]] = {"min_change": NON_NEGATIVE, "max_iter": AT_LEAST_1, "strength": NON_NEGATIVE}
     encoder: str = "none"
     mode: str = "binary"
-    """'binary' (per-expert P(right), score routers) or 'multiclass' (the classifier's P(best))."""
+    """'binary' (per-expert P(right), score routers), 'multiclass' (the classifier's P(best))
+    or 'tilt' (label shift on the joint correctness, fitted against the training table)."""
     min_change: float = 0.02
     """Apply the new priors only if some expert's moved by at least this much."""
     max_iter: int = 200
@@ -119,6 +293,7 @@ class AdaptedRouter(WrapperRouter):
         super().__init__(config, base)
         self.train_priors = np.zeros(0)
         self.priors = np.zeros(0)
+        self.theta = np.zeros(0)
         self.applied = False
 
     def _fit(self, x: np.ndarray | None, table: Any) -> None:
@@ -129,7 +304,11 @@ class AdaptedRouter(WrapperRouter):
         return self._adjusted(self.base.predict(prompts))
 
     def _adjusted(self, pred: np.ndarray) -> np.ndarray:
-        return adjust(pred, self.train_priors, self.priors, self.config.mode) if self.applied else pred
+        if not self.applied:
+            return pred
+        if self.config.mode == "tilt":
+            return tilt_adjust(pred, self.theta)
+        return adjust(pred, self.train_priors, self.priors, self.config.mode)
 
     def explain(self, prompts: Sequence[str]) -> tuple[np.ndarray, list[dict[str, Any] | None]]:
         assert self.base is not None
@@ -137,10 +316,12 @@ class AdaptedRouter(WrapperRouter):
         return np.clip(self._adjusted(pred), 0.0, 1.0), notes
 
     def _state(self) -> dict[str, np.ndarray]:
-        return {"train_priors": self.train_priors.astype(np.float64), "priors": self.priors.astype(np.float64), "applied": np.array([int(self.applied)], dtype=np.int64)}
+        theta = self.theta if len(self.theta) else np.zeros(len(self.priors))
+        return {"train_priors": self.train_priors.astype(np.float64), "priors": self.priors.astype(np.float64), "theta": theta.astype(np.float64), "applied": np.array([int(self.applied)], dtype=np.int64)}
 
     def _load_state(self, t: dict[str, np.ndarray]) -> None:
         self.train_priors, self.priors = t["train_priors"], t["priors"]
+        self.theta = t["theta"] if "theta" in t else np.zeros(len(self.priors))
         self.applied = bool(int(t["applied"][0]))
 
 
@@ -206,13 +387,76 @@ def adapt(router: Router, prompts: Sequence[str], min_change: float = 0.02, max_
     return ar
 
 
-def adapt_router(router_dir: str | os.PathLike[str], prompts_file: str | os.PathLike[str], out: str | os.PathLike[str], min_change: float = 0.02, overwrite: bool = False, device: str = "cpu", strength: float | None = None) -> AdaptedRouter:
+def _tilt_priors(router: Router, where: str) -> np.ndarray:
+    pri, mode = training_priors(router, where)
+    if mode != "binary":
+        raise RouterError(f"{where}: method 'tilt' adjusts per-expert P(right); the {router.key} router predicts P(best expert), adapt it with --method em")
+    return pri
+
+
+def adapt_tilt(router: Router, prompts: Sequence[str], cal: TiltCalibration, ridge: float = 1.0, spread: float = 20.0, alpha: float = 0.1, where: str = "router") -> AdaptedRouter:
+    """An AdaptedRouter around ``router`` by ``method='tilt'`` (module docstring): label shift
+    on the joint correctness of the experts, fitted against ``cal`` (``tilt_calibration``)."""
+    pri = _tilt_priors(router, where)
+    if ridge < 0 or spread < 0:
+        raise RouterError(f"--ridge, --spread: expected numbers >= 0, found {ridge}, {spread}")
+    if not 0.0 < alpha < 1.0:
+        raise RouterError(f"--alpha: expected 0 < alpha < 1, found {alpha}")
+    prompts = list(prompts)
+    est = tilt_estimate(router.predict(prompts), cal.shape_of(prompts), cal, ridge, spread, alpha)
+    ar = AdaptedRouter(AdaptedRouterConfig(mode="tilt"), base=router)
+    ar.experts = list(router.experts)
+    ar.train_hash, ar.train_prompts = router.train_hash, router.train_prompts
+    ar.train_priors, ar.priors, ar.theta, ar.applied = pri, est["priors"], est["theta"], est["applied"]
+    ar.meta = {k: v for k, v in router.meta.items() if k in ("train_queries", "train_sources", "train_mean_scores", "train_mean_costs", "heldout")}
+    ar.meta["adapted"] = {
+        "method": "label shift on the experts' joint correctness (exponential tilt, method of moments on out-of-fold predictions), with a test against a change of prompt mix",
+        "base": router.key,
+        "prompts": len(prompts),
+        "iterations": 0,
+        "applied": ar.applied,
+        "folds": cal.folds,
+        "clusters": len(cal.centroids),
+        "components": int(cal.basis.shape[1]),
+        "ridge": ridge,
+        "spread": spread,
+        "alpha": alpha,
+        "tests": {k: float(est[k]) for k in ("j_shape", "j_shape_limit", "j_gain", "j_gain_limit")},
+        "priors": {e: {"train": float(a), "new": float(b), "change": float(b - a), "theta": float(t)} for e, a, b, t in zip(router.experts, pri, est["priors"], est["theta"])},
+        "reason": est["reason"],
+    }
+    return ar
+
+
+def adapt_router(
+    router_dir: str | os.PathLike[str],
+    prompts_file: str | os.PathLike[str],
+    out: str | os.PathLike[str],
+    min_change: float = 0.02,
+    overwrite: bool = False,
+    device: str = "cpu",
+    strength: float | None = None,
+    method: str | None = None,
+    data: Sequence[str] = (),
+    folds: int = 5,
+    clusters: int = 16,
+    components: int = 16,
+    encoder: str = "minilm",
+    ridge: float = 1.0,
+    spread: float = 20.0,
+    alpha: float = 0.1,
+) -> AdaptedRouter:
     """``collab route adapt``: load the router in ``router_dir``, adapt it to the prompts of
     ``prompts_file`` and save it to ``out`` (with the base's held-out ids, so ``route eval``
-    scores the same rows). ``strength`` (pseudo-observations of the training rates in the
-    EM's MAP estimate) defaults to the router's number of training queries, the sample its
-    training rates were measured on (or the number of new prompts if it records none);
-    0 is Saerens et al.'s plain EM."""
+    scores the same rows).
+
+    ``method`` 'em' (the default): per-expert EM; ``strength``
+    (pseudo-observations of the training rates in its MAP estimate) defaults to the router's
+    number of training queries, the sample its training rates were measured on (or the
+    number of new prompts if it records none); 0 is Saerens et al.'s plain EM. 'tilt' (needs
+    ``data``, the router's training table(s)): label shift on the joint correctness,
+    calibrated on the rows of ``data`` the router was trained on (``folds`` refits of the
+    router; ``clusters`` cells and ``components`` principal components in ``encoder``'s space)."""
     from collab.io import atomic_directory
     from routers.api import HELDOUT_FILE, check_output_dir
 
@@ -221,12 +465,31 @@ def adapt_router(router_dir: str | os.PathLike[str], prompts_file: str | os.Path
         raise RouterError(f"--min-change: expected a number >= 0, found {min_change}")
     if strength is not None and strength < 0:
         raise RouterError(f"--strength: expected a number >= 0, found {strength}")
+    method = method or "em"
+    if method not in ("em", "tilt"):
+        raise RouterError(f"--method: expected 'em' or 'tilt', found {method!r}")
+    if method == "tilt" and not data:
+        raise RouterError("--method tilt: needs the router's training table (--data TABLE) for its out-of-fold calibration")
+    if method == "em" and data:
+        raise RouterError("--data: only --method tilt uses the training table; add --method tilt or leave --data out")
     base = Router.load(router_dir).to(device)
     prompts = read_prompts(prompts_file)
-    if strength is None:
-        n = base.meta.get("train_queries")
-        strength = float(n) if isinstance(n, (int, float)) and n > 0 else float(len(prompts))
-    ar = adapt(base, prompts, min_change=min_change, where=str(router_dir), strength=strength)
+    if method == "tilt":
+        from routers.api import trained_rows
+        from routers.table import load_tables
+
+        table = load_tables(list(data))
+        rows = trained_rows(base, table)
+        if rows is None or not rows.any():
+            raise RouterError(f"{router_dir}: none of the {len(table)} rows of {', '.join(map(str, data))} is a prompt this router was trained on; --data must be its training table")
+        _tilt_priors(base, str(router_dir))  # refuse an adapted or classifier router before the refits
+        cal = tilt_calibration(base, table.subset(np.flatnonzero(rows)), folds, clusters, components, encoder, seed=int(getattr(base.config, "seed", 0)), where=str(router_dir))
+        ar = adapt_tilt(base, prompts, cal, ridge, spread, alpha, where=str(router_dir))
+    else:
+        if strength is None:
+            n = base.meta.get("train_queries")
+            strength = float(n) if isinstance(n, (int, float)) and n > 0 else float(len(prompts))
+        ar = adapt(base, prompts, min_change=min_change, where=str(router_dir), strength=strength)
     ar.meta["adapted"]["prompts_file"] = Path(prompts_file).name
     with atomic_directory(out_p, overwrite=overwrite) as tmp:
         ar.save_into(tmp)

@@ -139,18 +139,29 @@ def adapt(
     router: Annotated[str, typer.Option("--router", help="A trained router directory.")],
     prompts: Annotated[str, typer.Option("--prompts", help="JSONL of the new traffic's prompts, one {\"prompt\": ...} per line (no labels needed).")],
     out: Annotated[str, typer.Option("--out", help="Directory to write the adapted router to.")],
-    min_change: Annotated[float, typer.Option(help="Adjust only if some expert's estimated prior moved by at least this much.")] = 0.02,
-    strength: Annotated[Optional[float], typer.Option(help="Pseudo-observations of the training rates in the EM (a MAP estimate); default: the router's training queries; 0: plain EM.")] = None,
+    data: Annotated[Optional[list[str]], typer.Option("--data", help="The router's training table(s) (path or shorthand; repeatable), for --method tilt.")] = None,
+    method: Annotated[Optional[str], typer.Option(help="'em' (per-expert EM, MAP by default) or 'tilt' (label shift on the experts' joint correctness, tested against a change of prompt mix; needs --data).")] = None,
+    min_change: Annotated[float, typer.Option(help="em: adjust only if some expert's estimated prior moved by at least this much.")] = 0.02,
+    strength: Annotated[Optional[float], typer.Option(help="em: pseudo-observations of the training rates (a MAP estimate); default: the router's training queries; 0: plain EM.")] = None,
+    folds: Annotated[int, typer.Option(help="tilt: refits of the router for its out-of-fold predictions.")] = 5,
+    clusters: Annotated[int, typer.Option(help="tilt: k-means cells of the training prompts whose proportions test for a change of prompt mix.")] = 16,
+    components: Annotated[int, typer.Option(help="tilt: principal components of the training prompts whose means test for it too.")] = 16,
+    encoder: Annotated[str, typer.Option(help="tilt: encoder of the cells and components.")] = "minilm",
+    ridge: Annotated[float, typer.Option(help="tilt: penalty on the tilt (in units of the moment distance).")] = 1.0,
+    spread: Annotated[float, typer.Option(help="tilt: penalty on differences between the experts' tilts.")] = 20.0,
+    alpha: Annotated[float, typer.Option(help="tilt: level of both tests.")] = 0.1,
     device: Annotated[str, typer.Option(help=_DEVICE_HELP)] = "cpu",
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace --out if it is a trained router directory.")] = False,
 ) -> None:
-    """Re-estimate, without labels, how often each expert is right on new prompts (EM, Saerens et al. 2002) and adjust the router's predictions to it."""
+    """Re-estimate, without labels, how often each expert is right on new prompts and adjust the router's predictions to it (label shift only; a change of prompt mix is left to the router)."""
     from routers.adapt import adapt_router
 
     with _warnings_as_lines():
-        ar = adapt_router(router, prompts, out, min_change=min_change, overwrite=overwrite, device=device, strength=strength)
+        ar = adapt_router(router, prompts, out, min_change=min_change, overwrite=overwrite, device=device, strength=strength, method=method, data=data or (), folds=folds, clusters=clusters, components=components, encoder=encoder, ridge=ridge, spread=spread, alpha=alpha)
     a = ar.meta["adapted"]
-    typer.echo(f"adapted {a['base']} router on {a['prompts']} prompts ({a['iterations']} EM iterations): {a['reason']} -> {out}")
+    how = f"{a['iterations']} EM iterations" if "tests" not in a else f"tilt, {a['folds']} refits, {a['clusters']} cells"
+    typer.echo(f"adapted {a['base']} router on {a['prompts']} prompts ({how}): {a['reason']} -> {out}")
+    typer.echo("how often each expert is right, training -> estimated" + ("" if a["applied"] else " (not applied)") + ":")
     for e, v in a["priors"].items():
         typer.echo(f"  {e:40s} {v['train']:.4f} -> {v['new']:.4f} ({v['change']:+.4f})")
 

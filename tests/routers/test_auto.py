@@ -10,7 +10,7 @@ import pytest
 from typer.testing import CliRunner
 
 from collab.cli import app
-from routers.adapt import AdaptedRouter, adapt, adjust, em_priors, read_prompts
+from routers.adapt import AdaptedRouter, TiltCalibration, adapt, adjust, em_priors, fit_tilt, read_prompts, tilt_adjust, tilt_estimate
 from routers.auto import (
     ShiftProtocol,
     best_expert_labels,
@@ -175,6 +175,62 @@ def test_em_recovers_multiclass_priors() -> None:
     assert (adj.argmax(1) == c).mean() > (post.argmax(1) == c).mean()
 
 
+def _topic_world(n: int, rng: np.random.Generator, topic_weights: np.ndarray | None = None, tilt: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(topic (n,), correctness y (n, 3), exact P(y_j = 1 | topic, x_j) (n, 3)) for three experts
+    whose rates depend on one of four topics (topics 0 and 1 alike); x_j ~ N(+-1, 1) by y_j.
+    ``topic_weights`` reweights the topics (a change of prompt mix), ``tilt`` reweights by
+    exp(tilt . y) (label shift): both by rejection-free resampling of a larger draw."""
+    rates = np.array([[0.8, 0.3, 0.5], [0.8, 0.3, 0.5], [0.2, 0.7, 0.5], [0.5, 0.5, 0.9]])
+    m = 4 * n
+    t = rng.integers(0, 4, size=m)
+    y = (rng.random((m, 3)) < rates[t]).astype(np.float64)
+    w = np.ones(m) if topic_weights is None else np.asarray(topic_weights, dtype=np.float64)[t]
+    if tilt is not None:
+        w = w * np.exp(y @ tilt)
+    keep = rng.choice(m, size=n, p=w / w.sum())
+    t, y = t[keep], y[keep]
+    x = np.where(y > 0, 1.0, -1.0) + rng.normal(size=y.shape)
+    lr = np.exp(2.0 * x)
+    post = rates[t] * lr / (rates[t] * lr + 1 - rates[t])
+    return t, y, post
+
+
+def test_tilt_recovers_a_known_label_shift_on_correlated_experts() -> None:
+    rng = np.random.default_rng(3)
+    t, y, post = _topic_world(20000, rng)
+    theta = np.array([-1.0, 0.6, 0.0])
+    t2, y2, post2 = _topic_world(20000, rng, tilt=theta)
+    est, j_fit, j_zero = fit_tilt(post2, post, y, ridge=0.0)
+    assert np.abs(est - theta).max() < 0.15, est
+    w = np.exp(y @ est)
+    np.testing.assert_allclose((w / w.sum()) @ y, y2.mean(0), atol=0.015)  # the new rates, from no labels
+    assert j_zero > 100 * max(j_fit, 1.0)
+    # the adjustment is the exact posterior under the tilted traffic (x_j depends on y_j only)
+    np.testing.assert_allclose(tilt_adjust(post[:5], theta), (lambda o: o / (1 + o))(post[:5] / (1 - post[:5]) * np.exp(theta)), atol=1e-9)
+
+
+def _calibration(t: np.ndarray, y: np.ndarray, post: np.ndarray) -> TiltCalibration:
+    return TiltCalibration(oof=post, y=y, shape=np.eye(4)[t], centroids=np.eye(4), basis=np.zeros((4, 0)), centre=np.zeros(4), encoder=None, folds=5)
+
+
+def test_tilt_applies_to_label_shift_and_leaves_a_change_of_mix_and_no_shift_alone() -> None:
+    rng = np.random.default_rng(4)
+    cal = _calibration(*_topic_world(8000, rng))
+    t, _, post = _topic_world(1000, rng, tilt=np.array([-1.0, 0.8, 0.0]))
+    est = tilt_estimate(post, np.eye(4)[t], cal)
+    assert est["applied"] and "label shift" in est["reason"], est["reason"]
+    assert est["theta"][0] < -0.5 and est["theta"][1] > 0.4
+    # topic 0 four times as common: rates move too (expert 0 up), but topics 0 and 1 are alike in
+    # every rate, so no reweighting of correctness can make one more common than the other
+    t, y, post = _topic_world(1000, rng, topic_weights=np.array([4.0, 1.0, 1.0, 1.0]))
+    assert y[:, 0].mean() > cal.y[:, 0].mean() + 0.05
+    est = tilt_estimate(post, np.eye(4)[t], cal)
+    assert not est["applied"] and est["j_shape"] >= est["j_shape_limit"] and "change of prompt mix" in est["reason"], est
+    t, _, post = _topic_world(1000, rng)
+    est = tilt_estimate(post, np.eye(4)[t], cal)
+    assert not est["applied"] and "no significant change" in est["reason"], est
+
+
 def test_adjust_is_identity_at_the_training_priors() -> None:
     p = np.array([[0.2, 0.9], [0.6, 0.5]])
     np.testing.assert_allclose(adjust(p, np.array([0.3, 0.7]), np.array([0.3, 0.7])), p, atol=1e-9)
@@ -228,6 +284,43 @@ def test_route_adapt_cli_moves_priors_toward_the_new_mix(synth_path: Path, synth
     # adapting an adapted router is refused, naming where its base is
     r = runner.invoke(app, ["route", "adapt", "--router", str(tmp_path / "a"), "--prompts", str(prompts), "--out", str(tmp_path / "b")])
     assert r.exit_code != 0 and "already an adapted router" in str(r.exception) + r.output
+
+
+def test_route_adapt_cli_tilt_against_the_training_table(synth_path: Path, synth_table: RoutingTable, tmp_path: Path) -> None:
+    r = runner.invoke(app, ["route", "train", "--data", str(synth_path), "--router", "knn", "-o", "encoder=tfidf", "-o", "k=10", "--out", str(tmp_path / "r"), "--test-size", "0.25"])
+    assert r.exit_code == 0, r.output
+    small = ["--method", "tilt", "--encoder", "tfidf", "--clusters", "4", "--components", "4", "--folds", "3"]
+    # new traffic: the history prompts only, a change of prompt mix (rejected as label shift here)
+    prompts = tmp_path / "new.jsonl"
+    hist = [p for p, t in zip(synth_table.prompts, synth_table.tasks) if t == "history"]
+    prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in hist))
+    r = runner.invoke(app, ["route", "adapt", "--router", str(tmp_path / "r"), "--prompts", str(prompts), "--out", str(tmp_path / "a"), "--data", str(synth_path), *small])
+    assert r.exit_code == 0, r.output
+    assert "(tilt, 3 refits, 4 cells)" in r.output
+    ar = Router.load(tmp_path / "a")
+    assert isinstance(ar, AdaptedRouter) and ar.config.mode == "tilt"
+    a = ar.meta["adapted"]
+    assert a["folds"] == 3 and a["clusters"] == 4 and a["components"] == 4 and set(a["tests"]) == {"j_shape", "j_shape_limit", "j_gain", "j_gain_limit"}
+    assert a["applied"] == (a["tests"]["j_shape"] < a["tests"]["j_shape_limit"] and a["tests"]["j_gain"] > a["tests"]["j_gain_limit"])
+    assert not a["applied"] and "a change of prompt mix" in a["reason"] and "(not applied)" in r.output
+    # the saved router predicts what its recorded tilt says
+    theta = np.array([a["priors"][e]["theta"] for e in ar.experts])
+    base = Router.load(tmp_path / "r")
+    want = tilt_adjust(base.predict(hist[:5]), theta) if a["applied"] else base.predict(hist[:5])
+    np.testing.assert_allclose(ar.predict(hist[:5]), want, atol=1e-9)
+    # errors name the problem
+    r = runner.invoke(app, ["route", "adapt", "--router", str(tmp_path / "r"), "--prompts", str(prompts), "--out", str(tmp_path / "b"), "--method", "tilt"])
+    assert r.exit_code != 0 and "--method tilt: needs the router's training table (--data TABLE)" in str(r.exception) + r.output
+    r = runner.invoke(app, ["route", "adapt", "--router", str(tmp_path / "r"), "--prompts", str(prompts), "--out", str(tmp_path / "b"), "--data", str(synth_path)])
+    assert r.exit_code != 0 and "--data: only --method tilt uses the training table" in str(r.exception) + r.output
+    other = tmp_path / "other.jsonl"
+    other.write_text("".join(json.dumps({"id": f"o{i}", "task": "t", "prompt": f"an unrelated prompt {i}", "scores": {"mathy": 1.0, "histy": 0.0}}) + "\n" for i in range(40)))
+    r = runner.invoke(app, ["route", "adapt", "--router", str(tmp_path / "r"), "--prompts", str(prompts), "--out", str(tmp_path / "b"), "--data", str(other), *small])
+    assert r.exit_code != 0 and "none of the 40 rows" in str(r.exception) + r.output and "--data must be its training table" in str(r.exception) + r.output
+    r = runner.invoke(app, ["route", "train", "--data", str(synth_path), "--router", "classifier", "-o", "encoder=tfidf", "-o", "hidden=8", "--out", str(tmp_path / "c")])
+    assert r.exit_code == 0, r.output
+    r = runner.invoke(app, ["route", "adapt", "--router", str(tmp_path / "c"), "--prompts", str(prompts), "--out", str(tmp_path / "b"), "--data", str(synth_path), *small])
+    assert r.exit_code != 0 and "predicts P(best expert), adapt it with --method em" in str(r.exception) + r.output
 
 
 def test_adapted_router_in_a_spec_routes_like_its_predictions(synth_table: RoutingTable, tmp_path: Path) -> None:
