@@ -153,7 +153,7 @@ def adapt(
     device: Annotated[str, typer.Option(help=_DEVICE_HELP)] = "cpu",
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace --out if it is a trained router directory.")] = False,
 ) -> None:
-    """Re-estimate, without labels, how often each expert is right on new prompts and adjust the router's predictions to it (label shift only; a change of prompt mix is left to the router)."""
+    """Re-estimate, without labels, how often each expert is right on new prompts and adjust the router's predictions to it (--method tilt first tests that it is the rates that moved, not the prompt mix)."""
     from routers.adapt import adapt_router
 
     with _warnings_as_lines():
