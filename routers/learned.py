@@ -86,7 +86,8 @@ def _similarities(x: np.ndarray, train_x: np.ndarray) -> np.ndarray:
         with _blas_controller().limit(limits=1, user_api="blas"):
             return x @ train_x.T
     with torch.inference_mode():
-        return (torch.from_numpy(np.ascontiguousarray(x)) @ torch.from_numpy(np.ascontiguousarray(train_x)).T).numpy()
+        dtype = np.result_type(x, train_x)  # torch, unlike numpy, refuses float32 @ float64
+        return (torch.from_numpy(np.ascontiguousarray(x, dtype=dtype)) @ torch.from_numpy(np.ascontiguousarray(train_x, dtype=dtype)).T).numpy()
 
 
 def _principal_basis(x: np.ndarray, r: int) -> np.ndarray:

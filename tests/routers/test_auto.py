@@ -287,6 +287,8 @@ def test_route_adapt_cli_moves_priors_toward_the_new_mix(synth_path: Path, synth
 
 
 def test_route_adapt_cli_tilt_against_the_training_table(synth_path: Path, synth_table: RoutingTable, tmp_path: Path) -> None:
+    import torch  # noqa: F401  (as with MiniLM: a few prompts' similarities then run in torch, which refused mixed float widths)
+
     r = runner.invoke(app, ["route", "train", "--data", str(synth_path), "--router", "knn", "-o", "encoder=tfidf", "-o", "k=10", "--out", str(tmp_path / "r"), "--test-size", "0.25"])
     assert r.exit_code == 0, r.output
     small = ["--method", "tilt", "--encoder", "tfidf", "--clusters", "4", "--components", "4", "--folds", "3"]
