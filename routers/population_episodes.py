@@ -7,12 +7,21 @@ from __future__ import annotations
 import dataclasses
 import warnings
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import numpy as np
 
-if TYPE_CHECKING:
-    from routers.population import PopulationRouterConfig
+
+class EpisodeSettings(Protocol):
+    """The fields of ``routers.population.PopulationRouterConfig`` that episodes read
+    (a protocol, so this module need not import the router's)."""
+
+    empty_share: float
+    context_min: int
+    context_max: int
+    synthetic_share: float
+    synthetic_clusters: int
+    seed: int
 
 # ------------------------------------------------------------------ episodes
 def distinct_prompt_rows(prompts: Sequence[str]) -> np.ndarray:
@@ -28,7 +37,7 @@ def distinct_prompt_rows(prompts: Sequence[str]) -> np.ndarray:
 
 
 def context_size(
-    rng: np.random.Generator, config: PopulationRouterConfig, available: int
+    rng: np.random.Generator, config: EpisodeSettings, available: int
 ) -> int:
     """A meta-training context size: 0 with probability ``empty_share``, else uniform on
     [context_min, context_max], leaving at least one of ``available`` rows for targets."""
@@ -137,7 +146,7 @@ def episode_batch(x: Any, episodes: list[Episode]) -> tuple[Any, ...]:
     )
 
 
-def prompt_clusters(x: np.ndarray, c: PopulationRouterConfig) -> np.ndarray:
+def prompt_clusters(x: np.ndarray, c: EpisodeSettings) -> np.ndarray:
     """(n,) k-means cluster of each training query: the regions of synthetic experts."""
     k = max(1, min(c.synthetic_clusters, len(x)))
     if c.synthetic_share <= 0 or k == 1:
