@@ -92,6 +92,12 @@ class Spec:
         p = Path(os.path.expandvars(str(value))).expanduser()
         return p if p.is_absolute() else self.root / p
 
+    def reject_unknown_keys(self, config: dict[str, Any], key_path: str, kind: str, keys: Any) -> None:
+        """SpecError naming the first key of ``config`` (alphabetically) that is not in ``keys``."""
+        unknown = set(config) - set(keys)
+        if unknown:
+            raise self.error(f"{key_path}.{min(unknown)}", f"unknown key for type '{kind}'; expected some of {', '.join(sorted(keys))}")
+
     def require_dir(self, config: dict[str, Any], key: str, key_path: str) -> Path:
         """The directory named by ``config[key]``, relative to the spec; SpecError if absent."""
         if key not in config:
@@ -298,9 +304,7 @@ class ExpertSystemType:
 
     def validate(self, spec: Spec, name: str, config: dict[str, Any]) -> None:
         kp = f"systems.{name}"
-        unknown = set(config) - self.keys
-        if unknown:
-            raise spec.error(f"{kp}.{sorted(unknown)[0]}", f"unknown key for type 'expert'; expected some of {', '.join(sorted(self.keys))}")
+        spec.reject_unknown_keys(config, kp, "expert", self.keys)
         if "ref" not in config:
             raise spec.error(f"{kp}.ref", "missing (expected a model directory, a .gguf file or zoo:NAME)")
         spec.check_load_options(kp, config)

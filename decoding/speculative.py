@@ -487,9 +487,7 @@ class SpeculativeSystemType:
 
     def validate(self, spec: Any, name: str, config: dict[str, Any]) -> None:
         kp = f"systems.{name}"
-        unknown = set(config) - self.keys
-        if unknown:
-            raise spec.error(f"{kp}.{sorted(unknown)[0]}", f"unknown key for type 'speculative'; expected some of {', '.join(sorted(self.keys))}")
+        spec.reject_unknown_keys(config, kp, "speculative", self.keys)
         for key in ("verifier", "drafter"):
             value = config.get(key)
             if not isinstance(value, str):

@@ -311,9 +311,7 @@ class CoDecoderSystemType:
 
     def validate(self, spec: Any, name: str, config: dict[str, Any]) -> None:
         kp = f"systems.{name}"
-        unknown = set(config) - self.keys
-        if unknown:
-            raise spec.error(f"{kp}.{sorted(unknown)[0]}", f"unknown key for type 'codecode'; expected some of {', '.join(sorted(self.keys))}")
+        spec.reject_unknown_keys(config, kp, "codecode", self.keys)
         base = config.get("base")
         if not isinstance(base, str):
             raise spec.error(f"{kp}.base", f"missing or not a name; expected the name of a local expert, found {base!r}")

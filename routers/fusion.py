@@ -620,9 +620,7 @@ class ThoughtSystemType:
 
     def validate(self, spec: Any, name: str, config: dict[str, Any]) -> None:
         kp = f"systems.{name}"
-        unknown = set(config) - self.keys
-        if unknown:
-            raise spec.error(f"{kp}.{min(unknown)}", f"unknown key for type 'thought'; expected some of {', '.join(sorted(self.keys))}")
+        spec.reject_unknown_keys(config, kp, "thought", self.keys)
         d = spec.require_dir(config, "bank", kp)
         try:
             bank = ThoughtBank.load(d)

@@ -321,9 +321,7 @@ class RoutedSystemType:
 
     def validate(self, spec: Any, name: str, config: dict[str, Any]) -> None:
         kp = f"systems.{name}"
-        unknown = set(config) - self.keys
-        if unknown:
-            raise spec.error(f"{kp}.{min(unknown)}", f"unknown key for type 'route'; expected some of {', '.join(sorted(self.keys))}")
+        spec.reject_unknown_keys(config, kp, "route", self.keys)
         d = spec.require_dir(config, "router", kp)
         cfg_path = d / "config.json"
         if not cfg_path.is_file():

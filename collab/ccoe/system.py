@@ -350,12 +350,7 @@ class CCoESystemType:
 
     def validate(self, spec: Any, name: str, config: dict[str, Any]) -> None:
         kp = f"systems.{name}"
-        unknown = set(config) - self.keys
-        if unknown:
-            raise spec.error(
-                f"{kp}.{min(unknown)}",
-                f"unknown key for type 'ccoe'; expected some of {', '.join(sorted(self.keys))}",
-            )
+        spec.reject_unknown_keys(config, kp, "ccoe", self.keys)
         base = config.get("base")
         if not isinstance(base, str):
             raise spec.error(

@@ -302,9 +302,7 @@ class LatentSystemType:
 
     def validate(self, spec: Any, name: str, config: dict[str, Any]) -> None:
         kp = f"systems.{name}"
-        unknown = set(config) - self.keys
-        if unknown:
-            raise spec.error(f"{kp}.{sorted(unknown)[0]}", f"unknown key for type 'latent'; expected some of {', '.join(sorted(self.keys))}")
+        spec.reject_unknown_keys(config, kp, "latent", self.keys)
         names = config.get("experts")
         if not isinstance(names, list) or len(names) < 2 or not all(isinstance(n, str) for n in names):
             raise spec.error(f"{kp}.experts", f"expected a list of at least two expert names, found {names!r}")
