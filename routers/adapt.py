@@ -360,18 +360,25 @@ def read_prompts(path: str | os.PathLike[str]) -> list[str]:
     return out
 
 
+def _wrapping(router: Router, config: AdaptedRouterConfig) -> AdaptedRouter:
+    """An AdaptedRouter around ``router`` carrying its experts, training-data identity and
+    the training facts of its meta (``route eval`` reads them)."""
+    ar = AdaptedRouter(config, base=router)
+    ar.experts = list(router.experts)
+    ar.train_hash, ar.train_prompts = router.train_hash, router.train_prompts
+    ar.meta = {k: v for k, v in router.meta.items() if k in ("train_queries", "train_sources", "train_mean_scores", "train_mean_costs", "heldout")}
+    return ar
+
+
 def adapt(router: Router, prompts: Sequence[str], min_change: float = 0.02, max_iter: int = 200, where: str = "router", strength: float = 0.0) -> AdaptedRouter:
     """An AdaptedRouter around ``router`` with priors re-estimated on ``prompts`` (no labels);
     ``strength``: pseudo-observations of the training priors (0: plain EM, see ``em_priors``)."""
     pri, mode = training_priors(router, where)
     new, _, iters = em_priors(router.predict(list(prompts)), pri, mode, max_iter=max_iter, strength=strength)
-    ar = AdaptedRouter(AdaptedRouterConfig(mode=mode, min_change=min_change, max_iter=max_iter, strength=strength), base=router)
-    ar.experts = list(router.experts)
-    ar.train_hash, ar.train_prompts = router.train_hash, router.train_prompts
+    ar = _wrapping(router, AdaptedRouterConfig(mode=mode, min_change=min_change, max_iter=max_iter, strength=strength))
     ar.train_priors, ar.priors = pri, new
     change = new - pri
     ar.applied = bool(np.abs(change).max() >= min_change)
-    ar.meta = {k: v for k, v in router.meta.items() if k in ("train_queries", "train_sources", "train_mean_scores", "train_mean_costs", "heldout")}
     ar.meta["adapted"] = {
         "method": ("MAP-" if strength > 0 else "") + "EM re-estimation of priors (Saerens et al. 2002), " + ("per expert P(right)" if mode == "binary" else "over P(best expert)"),
         "base": router.key,
@@ -404,11 +411,8 @@ def adapt_tilt(router: Router, prompts: Sequence[str], cal: TiltCalibration, rid
         raise RouterError(f"--alpha: expected 0 < alpha < 1, found {alpha}")
     prompts = list(prompts)
     est = tilt_estimate(router.predict(prompts), cal.shape_of(prompts), cal, ridge, spread, alpha)
-    ar = AdaptedRouter(AdaptedRouterConfig(mode="tilt"), base=router)
-    ar.experts = list(router.experts)
-    ar.train_hash, ar.train_prompts = router.train_hash, router.train_prompts
+    ar = _wrapping(router, AdaptedRouterConfig(mode="tilt"))
     ar.train_priors, ar.priors, ar.theta, ar.applied = pri, est["priors"], est["theta"], est["applied"]
-    ar.meta = {k: v for k, v in router.meta.items() if k in ("train_queries", "train_sources", "train_mean_scores", "train_mean_costs", "heldout")}
     ar.meta["adapted"] = {
         "method": "label shift on the experts' joint correctness (exponential tilt, method of moments on out-of-fold predictions), with a test against a change of prompt mix",
         "base": router.key,
