@@ -20,6 +20,13 @@ and label-free prior adaptation (`route adapt`) on simulated shifts:
 
     .venv/bin/python bench/routers.py --skip-quality --skip-loto --skip-routellm --skip-latency --adapt partition:select=false --adapt-seeds 1,2,3
 
+(``--adapt-pool 0.5 --adapt-sampling exact`` draws each sample without replacement, an exact
+draw from the shifted population; the default resamples one test part). Decision latency of
+some rows only, e.g. what ``--router auto`` chooses:
+
+    .venv/bin/python bench/routers.py --skip-quality --skip-loto --skip-routellm \
+        --latency-routers "auto's ensemble (partition select=false + knn minilm+tfidf, pls 16, pca 128)"
+
 Prints Markdown tables (results for docs/benchmarks.md) and writes them to
 runs/bench-routers.json.
 """
@@ -32,6 +39,7 @@ import os
 import sys
 import time
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -297,14 +305,24 @@ def shift(seeds: tuple[int, ...] = (1, 2, 3), routers: tuple[str, ...] = tuple(S
     return {"rows": rows, "near_duplicate_rows": int((np.bincount(groups)[groups] > 1).sum())}
 
 
-def adaptation(seed: int = 1, router: str = "partition:select=false", n: int = 800, draws: int = 10) -> list[dict]:
-    """``route adapt`` on simulated shifts of a random split's test part: gap closed before and
-    after each method, averaged over ``draws`` samples of ``n`` prompts per shift (the labels
-    only score; the methods see the prompts' predictions). Columns: the base router; its
+def adaptation(seed: int = 1, router: str = "partition:select=false", n: int = 800, draws: int = 10, pool: float = 0.2, sampling: str = "replacement") -> list[dict]:
+    """``route adapt`` on simulated shifts of a random split's test part (a share ``pool`` of
+    the table): gap closed before and after each method, averaged over ``draws`` samples of
+    about ``n`` prompts per shift (the labels only score; the methods see the prompts'
+    predictions).
+
+    ``sampling='replacement'`` draws ``n`` rows with replacement, with probability
+    proportional to the shift's weight: every sample then carries the test part's own
+    deviation from the population, which fresh traffic would not. ``'exact'`` keeps each
+    row independently with probability c x weight (c = min(n / total weight, 1 / largest
+    weight)): a sample without replacement that is an exact draw from the reweighted
+    population, at the price of fewer than ``n`` rows when one weight dominates (a small
+    task given half the traffic); the mean size is reported. Columns: the base router; its
     predictions re-expressed under the sample's *true* rates (``adjust`` with the labels'
     means: what a perfect per-expert prior estimate would give, the ceiling of EM-style
-    adaptation); the EM (``--method em``, plain and the MAP default); and ``--method tilt``
-    with the share of samples it applied to."""
+    adaptation); the tilt's adjustment with the shift's own theta (known for every shift but
+    a change of mix: the ceiling of ``--method tilt``'s adjustment); the EM (``--method em``,
+    plain and the MAP default); and ``--method tilt`` with the share of samples it applied to."""
     from routers.adapt import (
         adjust,
         em_priors,
@@ -315,8 +333,10 @@ def adaptation(seed: int = 1, router: str = "partition:select=false", n: int = 8
     from routers.auto import gap_closed
     from routers.learned import parse_member
 
+    if sampling not in ("replacement", "exact"):
+        raise ValueError(f"--adapt-sampling: expected 'replacement' or 'exact', found {sampling!r}")
     table = from_llmrouter()
-    tr, te = table.split(0.2, seed)
+    tr, te = table.split(pool, seed)
     key, opts = parse_member(router)
     r = make_router(key, seed=seed, **opts).fit(tr)
     pri = tr.scores.mean(0)
@@ -325,20 +345,31 @@ def adaptation(seed: int = 1, router: str = "partition:select=false", n: int = 8
     te_shape = cal.shape_of(te.prompts)
     rng = np.random.default_rng(seed)
     tasks = np.asarray(te.tasks)
-    shifts: list[tuple[str, str, np.ndarray]] = [("none", "none", np.ones(len(te)))]
+    e = len(table.experts)
+
+    def tilt_on(j: int, factor: float) -> np.ndarray:
+        t = np.zeros(e)
+        t[j] = np.log(factor)
+        return t
+
+    # (kind, name, row weights, the tilt theta that is that shift for binary scores; None for a change of mix)
+    shifts: list[tuple[str, str, np.ndarray, np.ndarray | None]] = [("none", "none", np.ones(len(te)), np.zeros(e))]
     for task in sorted(set(te.tasks)):
-        shifts.append(("task mix", f"half {task}", np.where(tasks == task, 0.5 / (tasks == task).mean(), 0.5 / (tasks != task).mean())))
+        shifts.append(("task mix", f"half {task}", np.where(tasks == task, 0.5 / (tasks == task).mean(), 0.5 / (tasks != task).mean()), None))
     for beta in (2.0, 4.0):
-        shifts.append(("label", f"harder (weight exp(-{beta:g} x mean score))", np.exp(-beta * te.scores.mean(1))))
+        shifts.append(("label", f"harder (weight exp(-{beta:g} x mean score))", np.exp(-beta * te.scores.mean(1)), np.full(e, -beta / e)))
     best = int(pri.argmax())
-    shifts.append(("label", f"{table.experts[best]} right less often (x0.3)", np.where(te.scores[:, best] > 0.5, 0.3, 1.0)))
+    shifts.append(("label", f"{table.experts[best]} right less often (x0.3)", np.where(te.scores[:, best] > 0.5, 0.3, 1.0), tilt_on(best, 0.3)))
     for j in np.argsort(-pri)[1:4]:
-        shifts.append(("label", f"{table.experts[j]} right more often (x3)", np.where(te.scores[:, j] > 0.5, 3.0, 1.0)))
+        shifts.append(("label", f"{table.experts[j]} right more often (x3)", np.where(te.scores[:, j] > 0.5, 3.0, 1.0), tilt_on(int(j), 3.0)))
     out = []
-    for kind, name, w in shifts:
-        acc: dict[str, list[float]] = {k: [] for k in ("base", "true_rates", "em", "map", "tilt", "tilt_applied", "true_change")}
+    for kind, name, w, theta in shifts:
+        acc: dict[str, list[float]] = {k: [] for k in ("base", "true_rates", "true_tilt", "em", "map", "tilt", "tilt_applied", "true_change", "size")}
         for _ in range(draws):
-            idx = rng.choice(len(te), n, p=w / w.sum())
+            if sampling == "exact":
+                idx = np.flatnonzero(rng.random(len(te)) < min(n / w.sum(), 1.0 / w.max()) * w)
+            else:
+                idx = rng.choice(len(te), n, p=w / w.sum())
             s, p = te.scores[idx], pred[idx]
 
             def gap(q: np.ndarray, s: np.ndarray = s) -> float:
@@ -347,15 +378,17 @@ def adaptation(seed: int = 1, router: str = "partition:select=false", n: int = 8
             est = tilt_estimate(p, te_shape[idx], cal)
             acc["base"].append(gap(p))
             acc["true_rates"].append(gap(adjust(p, pri, s.mean(0))))
+            acc["true_tilt"].append(gap(tilt_adjust(p, theta)) if theta is not None else float("nan"))
             acc["em"].append(gap(em_priors(p, pri)[1]))
             new_map, adj_map, _ = em_priors(p, pri, strength=float(len(tr)))
             acc["map"].append(gap(adj_map) if np.abs(new_map - pri).max() >= 0.02 else gap(p))
             acc["tilt"].append(gap(tilt_adjust(p, est["theta"])) if est["applied"] else gap(p))
             acc["tilt_applied"].append(float(est["applied"]))
             acc["true_change"].append(float(np.abs(s.mean(0) - pri).max()))
+            acc["size"].append(float(len(idx)))
         row = {"kind": kind, "shift": name, **{k: float(np.mean(v)) for k, v in acc.items()}}
         out.append(row)
-        print(f"adapt {kind:8s} {name:60s} true change {row['true_change']:.2f}  base {row['base']:+.3f}  true rates {row['true_rates']:+.3f}  EM {row['em']:+.3f}  MAP {row['map']:+.3f}  tilt {row['tilt']:+.3f} (applied {row['tilt_applied']:.0%})", file=sys.stderr, flush=True)
+        print(f"adapt {kind:8s} {name:60s} true change {row['true_change']:.2f}  base {row['base']:+.3f}  true rates {row['true_rates']:+.3f}  true tilt {row['true_tilt']:+.3f}  EM {row['em']:+.3f}  MAP {row['map']:+.3f}  tilt {row['tilt']:+.3f} (applied {row['tilt_applied']:.0%})  size {row['size']:.0f}", file=sys.stderr, flush=True)
     return out
 
 
@@ -381,7 +414,7 @@ def routellm(seeds: int, keys: tuple[str, ...] = ("knn", "logreg", "mf", "partit
     return out
 
 
-def latency(n: int = 60, device: str = "cpu", minilm_model: str = "zoo:minilm-l6", table_path: str | None = None) -> dict:
+def latency(n: int = 60, device: str = "cpu", minilm_model: str = "zoo:minilm-l6", table_path: str | None = None, only: Sequence[str] = ()) -> dict:
     """Decision latency at batch 1 on fresh prompts. Each router's end-to-end figure
     includes its own MiniLM (or TF-IDF) encoding: every timed call uses a prompt no
     router has seen, so the embedding cache cannot answer it. The raw
@@ -424,24 +457,32 @@ def latency(n: int = 60, device: str = "cpu", minilm_model: str = "zoo:minilm-l6
     res["raw_minilm_ms"] = {"p50": float(np.percentile(raw_all, 50)), "p99": float(np.percentile(raw_all, 99)), "batch64_per_query": float(np.median(raw_batch))}
     print(f"latency raw MiniLM forward p50 {res['raw_minilm_ms']['p50']:.2f} ms p99 {res['raw_minilm_ms']['p99']:.2f} ms ({ntok} tokens); "
           f"batch of 64 {res['raw_minilm_ms']['batch64_per_query']:.2f} ms per prompt", file=sys.stderr, flush=True)
-    routers = {
-        "knn (minilm)": make_router("knn", seed=0).fit(tr),
-        "logreg (minilm)": make_router("logreg", encoder="minilm").fit(tr),
-        "mf (minilm)": make_router("mf").fit(tr),
-        "subject (cluster)": make_router("subject", mode="cluster", clusters=32).fit(tr),
-        "ensemble": make_router("ensemble").fit(tr),
-        "partition": make_router("partition").fit(tr),
+    builders = {
+        "knn (minilm)": lambda: make_router("knn", seed=0).fit(tr),
+        "logreg (minilm)": lambda: make_router("logreg", encoder="minilm").fit(tr),
+        "mf (minilm)": lambda: make_router("mf").fit(tr),
+        "subject (cluster)": lambda: make_router("subject", mode="cluster", clusters=32).fit(tr),
+        "ensemble": lambda: make_router("ensemble").fit(tr),
+        "partition": lambda: make_router("partition").fit(tr),
         # The supervised projection's own cost (the LM encoder's is reported separately: 450 ms).
-        "knn (minilm+tfidf, pls 16)": make_router("knn", encoder="minilm+tfidf", project=16).fit(tr),
-        "knn (minilm+tfidf, pls 16, pca 128)": make_router("knn", encoder="minilm+tfidf", project=16, reduce=128).fit(tr),
+        "knn (minilm+tfidf, pls 16)": lambda: make_router("knn", encoder="minilm+tfidf", project=16).fit(tr),
+        "knn (minilm+tfidf, pls 16, pca 128)": lambda: make_router("knn", encoder="minilm+tfidf", project=16, reduce=128).fit(tr),
         # The best router's own features (MiniLM + SmolLM2 + TF-IDF): its encoder is SmolLM2 to layer 30
         # beside MiniLM, so only its head is compared with the 1 ms budget.
-        "knn (minilm+lm+tfidf, pls 16)": make_router("knn", encoder="minilm+lm+tfidf", project=16).fit(tr),
-        "knn (minilm+lm+tfidf, pls 16, pca 128)": make_router("knn", encoder="minilm+lm+tfidf", project=16, reduce=128).fit(tr),
-        "guarded knn (minilm+lm+tfidf, pls 16, pca 128), minimax": make_router("guarded", objective="minimax", base="knn:encoder=minilm+lm+tfidf:project=16:reduce=128").fit(tr),
-        "knn (tfidf)": make_router("knn", encoder="tfidf", k=10).fit(tr),
-        "logreg (tfidf)": make_router("logreg", encoder="tfidf").fit(tr),
+        "knn (minilm+lm+tfidf, pls 16)": lambda: make_router("knn", encoder="minilm+lm+tfidf", project=16).fit(tr),
+        "knn (minilm+lm+tfidf, pls 16, pca 128)": lambda: make_router("knn", encoder="minilm+lm+tfidf", project=16, reduce=128).fit(tr),
+        "guarded knn (minilm+lm+tfidf, pls 16, pca 128), minimax": lambda: make_router("guarded", objective="minimax", base="knn:encoder=minilm+lm+tfidf:project=16:reduce=128").fit(tr),
+        "knn (tfidf)": lambda: make_router("knn", encoder="tfidf", k=10).fit(tr),
+        "logreg (tfidf)": lambda: make_router("logreg", encoder="tfidf").fit(tr),
+        # What `--router auto` chose on five of six outer training parts (routers/auto.py CANDIDATES),
+        # and partition with select=false, its choice on the sixth.
+        "auto's ensemble (partition select=false + knn minilm+tfidf, pls 16, pca 128)": lambda: make_router("ensemble", members=("partition:select=false", "knn:encoder=minilm+tfidf:project=16:reduce=128")).fit(tr),
+        "partition (select=false)": lambda: make_router("partition", select=False).fit(tr),
     }
+    unknown = sorted(set(only) - set(builders))
+    if unknown:
+        raise SystemExit(f"--latency-routers: unknown {unknown}; expected some of {sorted(builders)}")
+    routers = {k: build() for k, build in builders.items() if not only or k in only}
     check = [prompt(900_000 + i) for i in range(64)]
     if cpu_enc is not None:
         diff = float(np.abs(enc.encode_uncached(check) - cpu_enc.encode_uncached(check)).max())
@@ -497,6 +538,7 @@ def main() -> None:
     ap.add_argument("--routellm-tables", default="gsm8k,mmlu", help="comma-separated subset of gsm8k,mmlu")
     ap.add_argument("--only", default="", help="router names of the quality table, joined by ',' (or by ';' when a name holds a comma), e.g. 'best-single,partition'")
     ap.add_argument("--latency-n", type=int, default=60, help="timed single-prompt calls per router")
+    ap.add_argument("--latency-routers", default="", help="';'-separated names of the latency rows to time (default: all)")
     ap.add_argument("--device", default="cpu", help="where MiniLM runs in the latency part: cpu, cuda, auto")
     ap.add_argument("--minilm", default="zoo:minilm-l6", help="sentence-transformers directory for the latency part (default: the zoo's MiniLM)")
     ap.add_argument("--table", default=None, help="LLMRouter train.json for the latency part (default: the copy shipped in routers/data/routing/llmrouter/)")
@@ -506,11 +548,13 @@ def main() -> None:
     ap.add_argument("--no-auto", action="store_true", help="leave --router auto out of the shift table")
     ap.add_argument("--adapt", default="", help="route adapt on simulated shifts around this router spec, e.g. 'partition:select=false'")
     ap.add_argument("--adapt-seeds", default="1", help="comma-separated seeds of the random splits for --adapt (tilt's defaults were chosen on 1 and 2)")
+    ap.add_argument("--adapt-pool", type=float, default=0.2, help="share of the table held out as the pool the shifted samples are drawn from")
+    ap.add_argument("--adapt-sampling", default="replacement", choices=["replacement", "exact"], help="'exact': each pool row kept independently with probability proportional to its weight (no resampling artefact; smaller samples)")
     ap.add_argument("--out", default="runs/bench-routers.json")
     a = ap.parse_args()
     out: dict = {}
     if not a.skip_latency:
-        out["latency" if a.device == "cpu" else f"latency_{a.device}"] = latency(a.latency_n, device=a.device, minilm_model=a.minilm, table_path=a.table)
+        out["latency" if a.device == "cpu" else f"latency_{a.device}"] = latency(a.latency_n, device=a.device, minilm_model=a.minilm, table_path=a.table, only=[x for x in a.latency_routers.split(";") if x])
     if a.core:
         out["quality_core"] = quality_core(a.seeds)
     elif not a.skip_quality:
@@ -522,7 +566,7 @@ def main() -> None:
     if a.shift:
         out["shift"] = shift(tuple(int(x) for x in a.shift_seeds.split(",")), tuple(x for x in a.shift_routers.split(";") if x) or tuple(SHIFT_ROUTERS), not a.no_auto)
     if a.adapt:
-        out.setdefault("adapt", {})[a.adapt] = {f"seed {sd}": adaptation(seed=int(sd), router=a.adapt) for sd in a.adapt_seeds.split(",")}
+        out.setdefault("adapt", {})[a.adapt] = {f"seed {sd}": adaptation(seed=int(sd), router=a.adapt, pool=a.adapt_pool, sampling=a.adapt_sampling) for sd in a.adapt_seeds.split(",")}
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     prev = json.loads(Path(a.out).read_text()) if Path(a.out).is_file() else {}
     prev.update(out)
