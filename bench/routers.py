@@ -474,8 +474,8 @@ def latency(n: int = 60, device: str = "cpu", minilm_model: str = "zoo:minilm-l6
         "guarded knn (minilm+lm+tfidf, pls 16, pca 128), minimax": lambda: make_router("guarded", objective="minimax", base="knn:encoder=minilm+lm+tfidf:project=16:reduce=128").fit(tr),
         "knn (tfidf)": lambda: make_router("knn", encoder="tfidf", k=10).fit(tr),
         "logreg (tfidf)": lambda: make_router("logreg", encoder="tfidf").fit(tr),
-        # What `--router auto` chose on five of six outer training parts (routers/auto.py CANDIDATES),
-        # and partition with select=false, its choice on the sixth.
+        # What `--router auto` chose on eight of twelve outer training parts of LLMRouter (seeds
+        # 1-6; routers/auto.py CANDIDATES), and partition with select=false, its other choice.
         "auto's ensemble (partition select=false + knn minilm+tfidf, pls 16, pca 128)": lambda: make_router("ensemble", members=("partition:select=false", "knn:encoder=minilm+tfidf:project=16:reduce=128")).fit(tr),
         "partition (select=false)": lambda: make_router("partition", select=False).fit(tr),
     }
