@@ -322,7 +322,8 @@ def adaptation(seed: int = 1, router: str = "partition:select=false", n: int = 8
     means: what a perfect per-expert prior estimate would give, the ceiling of EM-style
     adaptation); the tilt's adjustment with the shift's own theta (known for every shift but
     a change of mix: the ceiling of ``--method tilt``'s adjustment); the EM (``--method em``,
-    plain and the MAP default); and ``--method tilt`` with the share of samples it applied to."""
+    plain and the MAP default); and ``--method tilt`` with the share of samples it applied to,
+    with and without its routing test."""
     from routers.adapt import (
         adjust,
         em_priors,
@@ -364,7 +365,7 @@ def adaptation(seed: int = 1, router: str = "partition:select=false", n: int = 8
         shifts.append(("label", f"{table.experts[j]} right more often (x3)", np.where(te.scores[:, j] > 0.5, 3.0, 1.0), tilt_on(int(j), 3.0)))
     out = []
     for kind, name, w, theta in shifts:
-        acc: dict[str, list[float]] = {k: [] for k in ("base", "true_rates", "true_tilt", "em", "map", "tilt", "tilt_applied", "true_change", "size")}
+        acc: dict[str, list[float]] = {k: [] for k in ("base", "true_rates", "true_tilt", "em", "map", "tilt", "tilt_applied", "true_change", "size", "tilt_moments_only", "tilt_moments_applied")}
         for _ in range(draws):
             if sampling == "exact":
                 idx = np.flatnonzero(rng.random(len(te)) < min(n / w.sum(), 1.0 / w.max()) * w)
@@ -384,11 +385,14 @@ def adaptation(seed: int = 1, router: str = "partition:select=false", n: int = 8
             acc["map"].append(gap(adj_map) if np.abs(new_map - pri).max() >= 0.02 else gap(p))
             acc["tilt"].append(gap(tilt_adjust(p, est["theta"])) if est["applied"] else gap(p))
             acc["tilt_applied"].append(float(est["applied"]))
+            moments = est["j_shape"] < est["j_shape_limit"] and est["j_gain"] > est["j_gain_limit"]  # without the routing test
+            acc["tilt_moments_only"].append(gap(tilt_adjust(p, est["theta"])) if moments else gap(p))
+            acc["tilt_moments_applied"].append(float(moments))
             acc["true_change"].append(float(np.abs(s.mean(0) - pri).max()))
             acc["size"].append(float(len(idx)))
         row = {"kind": kind, "shift": name, **{k: float(np.mean(v)) for k, v in acc.items()}}
         out.append(row)
-        print(f"adapt {kind:8s} {name:60s} true change {row['true_change']:.2f}  base {row['base']:+.3f}  true rates {row['true_rates']:+.3f}  true tilt {row['true_tilt']:+.3f}  EM {row['em']:+.3f}  MAP {row['map']:+.3f}  tilt {row['tilt']:+.3f} (applied {row['tilt_applied']:.0%})  size {row['size']:.0f}", file=sys.stderr, flush=True)
+        print(f"adapt {kind:8s} {name:60s} true change {row['true_change']:.2f}  base {row['base']:+.3f}  true rates {row['true_rates']:+.3f}  true tilt {row['true_tilt']:+.3f}  EM {row['em']:+.3f}  MAP {row['map']:+.3f}  tilt {row['tilt']:+.3f} (applied {row['tilt_applied']:.0%}; without the routing test {row['tilt_moments_only']:+.3f}, applied {row['tilt_moments_applied']:.0%})  size {row['size']:.0f}", file=sys.stderr, flush=True)
     return out
 
 

@@ -140,7 +140,7 @@ def adapt(
     prompts: Annotated[str, typer.Option("--prompts", help="JSONL of the new traffic's prompts, one {\"prompt\": ...} per line (no labels needed).")],
     out: Annotated[str, typer.Option("--out", help="Directory to write the adapted router to.")],
     data: Annotated[Optional[list[str]], typer.Option("--data", help="The router's training table(s) (path or shorthand; repeatable), for --method tilt.")] = None,
-    method: Annotated[Optional[str], typer.Option(help="'em' (per-expert EM, MAP by default) or 'tilt' (label shift on the experts' joint correctness, tested against a change of prompt mix; needs --data).")] = None,
+    method: Annotated[Optional[str], typer.Option(help="'em' (per-expert EM, MAP by default; the default without --data) or 'tilt' (label shift on the experts' joint correctness, tested against a change of prompt mix; needs --data, and is the default with it).")] = None,
     min_change: Annotated[float, typer.Option(help="em: adjust only if some expert's estimated prior moved by at least this much.")] = 0.02,
     strength: Annotated[Optional[float], typer.Option(help="em: pseudo-observations of the training rates (a MAP estimate); default: the router's training queries; 0: plain EM.")] = None,
     folds: Annotated[int, typer.Option(help="tilt: refits of the router for its out-of-fold predictions.")] = 5,
@@ -149,15 +149,16 @@ def adapt(
     encoder: Annotated[str, typer.Option(help="tilt: encoder of the cells and components.")] = "minilm",
     ridge: Annotated[float, typer.Option(help="tilt: penalty on the tilt (in units of the moment distance).")] = 1.0,
     spread: Annotated[float, typer.Option(help="tilt: penalty on differences between the experts' tilts.")] = 20.0,
-    alpha: Annotated[float, typer.Option(help="tilt: level of both tests.")] = 0.1,
+    alpha: Annotated[float, typer.Option(help="tilt: level of the prompt-shape and fit tests.")] = 0.1,
+    min_gain: Annotated[float, typer.Option(help="tilt: apply only if the adjusted predictions route the training rows, reweighted to the estimated shift, better by at least this many standard errors.")] = 1.0,
     device: Annotated[str, typer.Option(help=_DEVICE_HELP)] = "cpu",
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace --out if it is a trained router directory.")] = False,
 ) -> None:
-    """Re-estimate, without labels, how often each expert is right on new prompts and adjust the router's predictions to it (--method tilt first tests that it is the rates that moved, not the prompt mix)."""
+    """Re-estimate, without labels, how often each expert is right on new prompts and adjust the router's predictions to it (--method tilt first tests that it is the rates that moved, not the prompt mix, and that the adjustment routes better)."""
     from routers.adapt import adapt_router
 
     with _warnings_as_lines():
-        ar = adapt_router(router, prompts, out, min_change=min_change, overwrite=overwrite, device=device, strength=strength, method=method, data=data or (), folds=folds, clusters=clusters, components=components, encoder=encoder, ridge=ridge, spread=spread, alpha=alpha)
+        ar = adapt_router(router, prompts, out, min_change=min_change, overwrite=overwrite, device=device, strength=strength, method=method, data=data or (), folds=folds, clusters=clusters, components=components, encoder=encoder, ridge=ridge, spread=spread, alpha=alpha, min_gain=min_gain)
     a = ar.meta["adapted"]
     how = f"{a['iterations']} EM iterations" if "tests" not in a else f"tilt, {a['folds']} refits, {a['clusters']} cells"
     typer.echo(f"adapted {a['base']} router on {a['prompts']} prompts ({how}): {a['reason']} -> {out}")

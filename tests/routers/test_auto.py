@@ -10,7 +10,7 @@ import pytest
 from typer.testing import CliRunner
 
 from collab.cli import app
-from routers.adapt import AdaptedRouter, TiltCalibration, adapt, adjust, em_priors, fit_tilt, read_prompts, tilt_adjust, tilt_estimate
+from routers.adapt import AdaptedRouter, TiltCalibration, adapt, adjust, em_priors, fit_tilt, read_prompts, tilt_adjust, tilt_estimate, tilt_routing_gain
 from routers.auto import (
     ShiftProtocol,
     best_expert_labels,
@@ -220,6 +220,11 @@ def test_tilt_applies_to_label_shift_and_leaves_a_change_of_mix_and_no_shift_alo
     est = tilt_estimate(post, np.eye(4)[t], cal)
     assert est["applied"] and "label shift" in est["reason"], est["reason"]
     assert est["theta"][0] < -0.5 and est["theta"][1] > 0.4
+    assert est["routing_gain"] > est["routing_gain_se"] > 0  # the adjusted predictions route the reweighted rows better
+    # the same traffic with a routing gain demanded beyond reach: both moment tests pass, the third refuses
+    strict = tilt_estimate(post, np.eye(4)[t], cal, min_gain=1e6)
+    assert strict["j_shape"] < strict["j_shape_limit"] and strict["j_gain"] > strict["j_gain_limit"]
+    assert not strict["applied"] and "would not route the training rows" in strict["reason"], strict["reason"]
     # topic 0 four times as common: rates move too (expert 0 up), but topics 0 and 1 are alike in
     # every rate, so no reweighting of correctness can make one more common than the other
     t, y, post = _topic_world(1000, rng, topic_weights=np.array([4.0, 1.0, 1.0, 1.0]))
@@ -229,6 +234,19 @@ def test_tilt_applies_to_label_shift_and_leaves_a_change_of_mix_and_no_shift_alo
     t, _, post = _topic_world(1000, rng)
     est = tilt_estimate(post, np.eye(4)[t], cal)
     assert not est["applied"] and "no significant change" in est["reason"], est
+
+
+def test_tilt_routing_gain_weights_each_rows_change_of_choice_by_the_tilt() -> None:
+    oof = np.array([[0.6, 0.5], [0.4, 0.5], [0.9, 0.1], [0.5, 0.55]])
+    y = np.array([[0.0, 1.0], [1.0, 0.0], [1.0, 0.0], [1.0, 0.0]])
+    cal = TiltCalibration(oof=oof, y=y, shape=np.zeros((4, 1)), centroids=np.zeros((2, 1)), basis=np.zeros((1, 0)), centre=np.zeros(1), encoder=None, folds=2)
+    # theta = (0, 1): only row 0 changes choice (expert 0 -> 1, where it is right); its weight is e / (e + 3)
+    gain, se = tilt_routing_gain(cal, np.array([0.0, 1.0]))
+    w = np.array([np.e, 1.0, 1.0, 1.0]) / (np.e + 3)
+    d = np.array([1.0, 0.0, 0.0, 0.0])
+    assert gain == pytest.approx(w[0])
+    assert se == pytest.approx(np.sqrt(((w * (d - w[0])) ** 2).sum()))
+    assert tilt_routing_gain(cal, np.full(2, 0.7)) == (0.0, 0.0)  # a uniform tilt changes no choice
 
 
 def test_adjust_is_identity_at_the_training_priors() -> None:
@@ -302,8 +320,8 @@ def test_route_adapt_cli_tilt_against_the_training_table(synth_path: Path, synth
     ar = Router.load(tmp_path / "a")
     assert isinstance(ar, AdaptedRouter) and ar.config.mode == "tilt"
     a = ar.meta["adapted"]
-    assert a["folds"] == 3 and a["clusters"] == 4 and a["components"] == 4 and set(a["tests"]) == {"j_shape", "j_shape_limit", "j_gain", "j_gain_limit"}
-    assert a["applied"] == (a["tests"]["j_shape"] < a["tests"]["j_shape_limit"] and a["tests"]["j_gain"] > a["tests"]["j_gain_limit"])
+    assert a["folds"] == 3 and a["clusters"] == 4 and a["components"] == 4 and set(a["tests"]) == {"j_shape", "j_shape_limit", "j_gain", "j_gain_limit", "routing_gain", "routing_gain_se"} and a["min_gain"] == 1.0
+    assert a["applied"] == (a["tests"]["j_shape"] < a["tests"]["j_shape_limit"] and a["tests"]["j_gain"] > a["tests"]["j_gain_limit"] and a["tests"]["routing_gain"] > a["tests"]["routing_gain_se"])
     assert not a["applied"] and "a change of prompt mix" in a["reason"] and "(not applied)" in r.output
     # the saved router predicts what its recorded tilt says
     theta = np.array([a["priors"][e]["theta"] for e in ar.experts])
@@ -313,8 +331,12 @@ def test_route_adapt_cli_tilt_against_the_training_table(synth_path: Path, synth
     # errors name the problem
     r = runner.invoke(app, ["route", "adapt", "--router", str(tmp_path / "r"), "--prompts", str(prompts), "--out", str(tmp_path / "b"), "--method", "tilt"])
     assert r.exit_code != 0 and "--method tilt: needs the router's training table (--data TABLE)" in str(r.exception) + r.output
-    r = runner.invoke(app, ["route", "adapt", "--router", str(tmp_path / "r"), "--prompts", str(prompts), "--out", str(tmp_path / "b"), "--data", str(synth_path)])
+    r = runner.invoke(app, ["route", "adapt", "--router", str(tmp_path / "r"), "--prompts", str(prompts), "--out", str(tmp_path / "b"), "--data", str(synth_path), "--method", "em"])
     assert r.exit_code != 0 and "--data: only --method tilt uses the training table" in str(r.exception) + r.output
+    # with --data and no --method, the method is tilt
+    r = runner.invoke(app, ["route", "adapt", "--router", str(tmp_path / "r"), "--prompts", str(prompts), "--out", str(tmp_path / "t"), "--data", str(synth_path), *small[2:]])
+    assert r.exit_code == 0 and "(tilt, 3 refits, 4 cells)" in r.output, r.output
+    assert Router.load(tmp_path / "t").config.mode == "tilt"
     other = tmp_path / "other.jsonl"
     other.write_text("".join(json.dumps({"id": f"o{i}", "task": "t", "prompt": f"an unrelated prompt {i}", "scores": {"mathy": 1.0, "histy": 0.0}}) + "\n" for i in range(40)))
     r = runner.invoke(app, ["route", "adapt", "--router", str(tmp_path / "r"), "--prompts", str(prompts), "--out", str(tmp_path / "b"), "--data", str(other), *small])
