@@ -553,6 +553,7 @@ def main() -> None:
     ap.add_argument("--adapt", default="", help="route adapt on simulated shifts around this router spec, e.g. 'partition:select=false'")
     ap.add_argument("--adapt-seeds", default="1", help="comma-separated seeds of the random splits for --adapt (tilt's defaults were chosen on 1 and 2)")
     ap.add_argument("--adapt-pool", type=float, default=0.2, help="share of the table held out as the pool the shifted samples are drawn from")
+    ap.add_argument("--adapt-n", type=int, default=800, help="prompts per shifted sample (with --adapt-sampling exact: at most; fewer where one weight dominates)")
     ap.add_argument("--adapt-sampling", default="replacement", choices=["replacement", "exact"], help="'exact': each pool row kept independently with probability proportional to its weight (no resampling artefact; smaller samples)")
     ap.add_argument("--out", default="runs/bench-routers.json")
     a = ap.parse_args()
@@ -570,7 +571,7 @@ def main() -> None:
     if a.shift:
         out["shift"] = shift(tuple(int(x) for x in a.shift_seeds.split(",")), tuple(x for x in a.shift_routers.split(";") if x) or tuple(SHIFT_ROUTERS), not a.no_auto)
     if a.adapt:
-        out.setdefault("adapt", {})[a.adapt] = {f"seed {sd}": adaptation(seed=int(sd), router=a.adapt, pool=a.adapt_pool, sampling=a.adapt_sampling) for sd in a.adapt_seeds.split(",")}
+        out.setdefault("adapt", {})[a.adapt] = {f"seed {sd}": adaptation(seed=int(sd), router=a.adapt, n=a.adapt_n, pool=a.adapt_pool, sampling=a.adapt_sampling) for sd in a.adapt_seeds.split(",")}
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     prev = json.loads(Path(a.out).read_text()) if Path(a.out).is_file() else {}
     prev.update(out)
