@@ -325,6 +325,7 @@ def adaptation(seed: int = 1, router: str = "partition:select=false", n: int = 8
     plain and the MAP default); and ``--method tilt`` with the share of samples it applied to,
     with and without its routing test."""
     from routers.adapt import (
+        AdaptedRouterConfig,
         adjust,
         em_priors,
         tilt_adjust,
@@ -382,10 +383,10 @@ def adaptation(seed: int = 1, router: str = "partition:select=false", n: int = 8
             acc["true_tilt"].append(gap(tilt_adjust(p, theta)) if theta is not None else float("nan"))
             acc["em"].append(gap(em_priors(p, pri)[1]))
             new_map, adj_map, _ = em_priors(p, pri, strength=float(len(tr)))
-            acc["map"].append(gap(adj_map) if np.abs(new_map - pri).max() >= 0.02 else gap(p))
+            acc["map"].append(gap(adj_map) if np.abs(new_map - pri).max() >= AdaptedRouterConfig.min_change else gap(p))
             acc["tilt"].append(gap(tilt_adjust(p, est["theta"])) if est["applied"] else gap(p))
             acc["tilt_applied"].append(float(est["applied"]))
-            moments = est["j_shape"] < est["j_shape_limit"] and est["j_gain"] > est["j_gain_limit"]  # without the routing test
+            moments = est["passed"]["shape"] and est["passed"]["shift"]  # without the routing test
             acc["tilt_moments_only"].append(gap(tilt_adjust(p, est["theta"])) if moments else gap(p))
             acc["tilt_moments_applied"].append(float(moments))
             acc["true_change"].append(float(np.abs(s.mean(0) - pri).max()))

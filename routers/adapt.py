@@ -265,8 +265,9 @@ def tilt_routing_gain(cal: TiltCalibration, theta: np.ndarray) -> tuple[float, f
 
 def tilt_estimate(pred: np.ndarray, new_shape: np.ndarray, cal: TiltCalibration, ridge: float = 1.0, spread: float = 20.0, alpha: float = 0.1, min_gain: float = 1.0) -> dict[str, Any]:
     """theta and the three tests (module docstring) for new prompts with predictions ``pred``
-    and shape features ``new_shape``: {'theta', 'applied', 'j_shape', 'j_shape_limit',
-    'j_gain', 'j_gain_limit', 'routing_gain', 'routing_gain_se', 'priors', 'reason'}."""
+    and shape features ``new_shape``: {'theta', 'applied', 'passed' (each test's outcome:
+    'shape', 'shift', 'routing'), 'j_shape', 'j_shape_limit', 'j_gain', 'j_gain_limit',
+    'routing_gain', 'routing_gain_se', 'priors', 'reason'}."""
     from scipy.stats import chi2
 
     theta, j_fit, j_zero = fit_tilt(pred, cal.oof, cal.y, ridge, spread)
@@ -287,7 +288,7 @@ def tilt_estimate(pred: np.ndarray, new_shape: np.ndarray, cal: TiltCalibration,
     else:
         reason = f"label shift (prompt shape J {j_shape:.1f} < {shape_limit:.1f}; fit gain {j_zero - j_fit:.1f} > {gain_limit:.1f}; routing gain {gain:+.4f} > {min_gain:g} x {gain_se:.4f}): predictions adjusted"
     priors = _tilt_weights(cal.y, theta) @ cal.y
-    return {"theta": theta, "applied": applied, "j_shape": j_shape, "j_shape_limit": shape_limit, "j_gain": j_zero - j_fit, "j_gain_limit": gain_limit, "routing_gain": gain, "routing_gain_se": gain_se, "priors": priors, "reason": reason}
+    return {"theta": theta, "applied": applied, "passed": {"shape": label_shift, "shift": shifted, "routing": helps}, "j_shape": j_shape, "j_shape_limit": shape_limit, "j_gain": j_zero - j_fit, "j_gain_limit": gain_limit, "routing_gain": gain, "routing_gain_se": gain_se, "priors": priors, "reason": reason}
 
 
 @dataclasses.dataclass

@@ -225,6 +225,7 @@ def test_tilt_applies_to_label_shift_and_leaves_a_change_of_mix_and_no_shift_alo
     strict = tilt_estimate(post, np.eye(4)[t], cal, min_gain=1e6)
     assert strict["j_shape"] < strict["j_shape_limit"] and strict["j_gain"] > strict["j_gain_limit"]
     assert not strict["applied"] and "would not route the training rows" in strict["reason"], strict["reason"]
+    assert strict["passed"] == {"shape": True, "shift": True, "routing": False}
     # topic 0 four times as common: rates move too (expert 0 up), but topics 0 and 1 are alike in
     # every rate, so no reweighting of correctness can make one more common than the other
     t, y, post = _topic_world(1000, rng, topic_weights=np.array([4.0, 1.0, 1.0, 1.0]))
