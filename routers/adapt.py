@@ -464,6 +464,16 @@ def adapt_tilt(router: Router, prompts: Sequence[str], cal: TiltCalibration, rid
     return ar
 
 
+def recorded_tables(router: Router) -> list[str] | None:
+    """The training tables ``router`` records, when every one is a shorthand that can be
+    loaded again (``llmrouter``, ...); None otherwise (a file is recorded by name and
+    SHA-256 only, not where it is)."""
+    src = router.meta.get("train_sources")
+    if not isinstance(src, list) or not src or any(not isinstance(s, dict) or s.get("kind") != "shorthand" for s in src):
+        return None
+    return [str(s["name"]) for s in src]
+
+
 def adapt_router(
     router_dir: str | os.PathLike[str],
     prompts_file: str | os.PathLike[str],
@@ -487,13 +497,15 @@ def adapt_router(
     ``prompts_file`` and save it to ``out`` (with the base's held-out ids, so ``route eval``
     scores the same rows).
 
-    ``method`` 'em' (the default without ``data``): per-expert EM; ``strength``
-    (pseudo-observations of the training rates in its MAP estimate) defaults to the router's
-    number of training queries, the sample its training rates were measured on (or the
-    number of new prompts if it records none); 0 is Saerens et al.'s plain EM. 'tilt' (the
-    default with ``data``, the router's training table(s)): label shift on the joint correctness,
-    calibrated on the rows of ``data`` the router was trained on (``folds`` refits of the
-    router; ``clusters`` cells and ``components`` principal components in ``encoder``'s space)."""
+    ``method`` 'tilt' (the default whenever the training table is at hand: ``data``, or
+    else the tables the router records, when all are shorthands such as ``llmrouter``):
+    label shift on the joint correctness, calibrated on the rows of that table the router
+    was trained on (``folds`` refits of the router; ``clusters`` cells and ``components``
+    principal components in ``encoder``'s space). 'em' (the default otherwise): per-expert
+    EM; ``strength`` (pseudo-observations of the training rates in its MAP estimate)
+    defaults to the router's number of training queries, the sample its training rates were
+    measured on (or the number of new prompts if it records none); 0 is Saerens et al.'s
+    plain EM."""
     from collab.io import atomic_directory
     from routers.api import HELDOUT_FILE, check_output_dir
 
@@ -502,14 +514,18 @@ def adapt_router(
         raise RouterError(f"--min-change: expected a number >= 0, found {min_change}")
     if strength is not None and strength < 0:
         raise RouterError(f"--strength: expected a number >= 0, found {strength}")
-    method = method or ("tilt" if data else "em")
-    if method not in ("em", "tilt"):
+    if method not in (None, "em", "tilt"):
         raise RouterError(f"--method: expected 'em' or 'tilt', found {method!r}")
-    if method == "tilt" and not data:
-        raise RouterError("--method tilt: needs the router's training table (--data TABLE) for its out-of-fold calibration")
     if method == "em" and data:
         raise RouterError("--data: only --method tilt uses the training table; leave out --method em (with --data the method is tilt) or --data")
     base = Router.load(router_dir).to(device)
+    recorded = not data and method != "em" and recorded_tables(base) is not None
+    if recorded:
+        data = recorded_tables(base) or ()
+    method = method or ("tilt" if data else "em")
+    if method == "tilt" and not data:
+        files = ", ".join(f"'{s.get('name')}'" for s in base.meta.get("train_sources") or [] if isinstance(s, dict)) or "nothing"
+        raise RouterError(f"--method tilt: needs the router's training table (--data TABLE) for its out-of-fold calibration; {router_dir} records {files} (files by name and SHA-256 only, not where they are)")
     prompts = read_prompts(prompts_file)
     if method == "tilt":
         from routers.api import trained_rows
@@ -518,6 +534,8 @@ def adapt_router(
         table = load_tables(list(data))
         rows = trained_rows(base, table)
         if rows is None or not rows.any():
+            if recorded:
+                raise RouterError(f"{router_dir}: none of the {len(table)} rows of its recorded training table {', '.join(data)} is a prompt it was trained on (the table changed since); pass its training table with --data, or --method em")
             raise RouterError(f"{router_dir}: none of the {len(table)} rows of {', '.join(map(str, data))} is a prompt this router was trained on; --data must be its training table")
         _tilt_priors(base, str(router_dir))  # refuse an adapted or classifier router before the refits
         cal = tilt_calibration(base, table.subset(np.flatnonzero(rows)), folds, clusters, components, encoder, seed=int(getattr(base.config, "seed", 0)), where=str(router_dir))
@@ -528,6 +546,8 @@ def adapt_router(
             strength = float(n) if isinstance(n, (int, float)) and n > 0 else float(len(prompts))
         ar = adapt(base, prompts, min_change=min_change, where=str(router_dir), strength=strength)
     ar.meta["adapted"]["prompts_file"] = Path(prompts_file).name
+    if method == "tilt":
+        ar.meta["adapted"]["calibration"] = {"tables": [str(d) if recorded else Path(d).name for d in data], "from": "recorded" if recorded else "--data"}
     with atomic_directory(out_p, overwrite=overwrite) as tmp:
         ar.save_into(tmp)
         held = Path(router_dir) / HELDOUT_FILE

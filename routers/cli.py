@@ -139,8 +139,8 @@ def adapt(
     router: Annotated[str, typer.Option("--router", help="A trained router directory.")],
     prompts: Annotated[str, typer.Option("--prompts", help="JSONL of the new traffic's prompts, one {\"prompt\": ...} per line (no labels needed).")],
     out: Annotated[str, typer.Option("--out", help="Directory to write the adapted router to.")],
-    data: Annotated[Optional[list[str]], typer.Option("--data", help="The router's training table(s) (path or shorthand; repeatable), for --method tilt.")] = None,
-    method: Annotated[Optional[str], typer.Option(help="'em' (per-expert EM, MAP by default; the default without --data) or 'tilt' (label shift on the experts' joint correctness, tested against a change of prompt mix; needs --data, and is the default with it).")] = None,
+    data: Annotated[Optional[list[str]], typer.Option("--data", help="The router's training table(s) (path or shorthand; repeatable), for --method tilt; default: the tables the router records, when they are shorthands (llmrouter, ...).")] = None,
+    method: Annotated[Optional[str], typer.Option(help="'tilt' (label shift on the experts' joint correctness, tested against a change of prompt mix; needs the training table, and is the default when it is at hand: --data, or the shorthand table the router records) or 'em' (per-expert EM, MAP by default; the default otherwise).")] = None,
     min_change: Annotated[float, typer.Option(help="em: adjust only if some expert's estimated prior moved by at least this much.")] = 0.02,
     strength: Annotated[Optional[float], typer.Option(help="em: pseudo-observations of the training rates (a MAP estimate); default: the router's training queries; 0: plain EM.")] = None,
     folds: Annotated[int, typer.Option(help="tilt: refits of the router for its out-of-fold predictions.")] = 5,
@@ -161,10 +161,14 @@ def adapt(
         ar = adapt_router(router, prompts, out, min_change=min_change, overwrite=overwrite, device=device, strength=strength, method=method, data=data or (), folds=folds, clusters=clusters, components=components, encoder=encoder, ridge=ridge, spread=spread, alpha=alpha, min_gain=min_gain)
     a = ar.meta["adapted"]
     how = f"{a['iterations']} EM iterations" if "tests" not in a else f"tilt, {a['folds']} refits, {a['clusters']} cells"
+    if a.get("calibration", {}).get("from") == "recorded":
+        how += f"; calibrated on {', '.join(a['calibration']['tables'])}, the training table the router records"
     typer.echo(f"adapted {a['base']} router on {a['prompts']} prompts ({how}): {a['reason']} -> {out}")
     typer.echo("how often each expert is right, training -> estimated" + ("" if a["applied"] else " (not applied)") + ":")
     for e, v in a["priors"].items():
         typer.echo(f"  {e:40s} {v['train']:.4f} -> {v['new']:.4f} ({v['change']:+.4f})")
+    if method is None and "tests" not in a:
+        typer.echo("(the per-expert EM: the router's training table was not at hand; with it, --data TABLE, the method is the tilt, which tests that the rates moved before it adjusts)")
 
 
 @route_app.command("add-expert")

@@ -285,8 +285,11 @@ def test_route_adapt_cli_moves_priors_toward_the_new_mix(synth_path: Path, synth
     r = runner.invoke(app, ["route", "adapt", "--router", str(tmp_path / "r"), "--prompts", str(prompts), "--out", str(tmp_path / "a")])
     assert r.exit_code == 0, r.output
     assert "predictions adjusted" in r.output
+    # trained from a file, which the router records by name and hash only: the EM, and a hint toward --data
+    assert "the per-expert EM: the router's training table was not at hand" in r.output
     ar = Router.load(tmp_path / "a")
     assert isinstance(ar, AdaptedRouter) and ar.applied and ar.base is not None and ar.base.key == "knn"
+    assert "calibration" not in ar.meta["adapted"]
     pri = ar.meta["adapted"]["priors"]
     # history only: histy is right more often, mathy less, than on the training mix
     assert pri["histy"]["new"] > pri["histy"]["train"] + 0.1
@@ -332,6 +335,8 @@ def test_route_adapt_cli_tilt_against_the_training_table(synth_path: Path, synth
     # errors name the problem
     r = runner.invoke(app, ["route", "adapt", "--router", str(tmp_path / "r"), "--prompts", str(prompts), "--out", str(tmp_path / "b"), "--method", "tilt"])
     assert r.exit_code != 0 and "--method tilt: needs the router's training table (--data TABLE)" in str(r.exception) + r.output
+    assert f"records '{synth_path.name}' (files by name and SHA-256 only" in str(r.exception) + r.output
+    assert a["calibration"] == {"tables": [synth_path.name], "from": "--data"}
     r = runner.invoke(app, ["route", "adapt", "--router", str(tmp_path / "r"), "--prompts", str(prompts), "--out", str(tmp_path / "b"), "--data", str(synth_path), "--method", "em"])
     assert r.exit_code != 0 and "--data: only --method tilt uses the training table" in str(r.exception) + r.output
     # with --data and no --method, the method is tilt
@@ -346,6 +351,37 @@ def test_route_adapt_cli_tilt_against_the_training_table(synth_path: Path, synth
     assert r.exit_code == 0, r.output
     r = runner.invoke(app, ["route", "adapt", "--router", str(tmp_path / "c"), "--prompts", str(prompts), "--out", str(tmp_path / "b"), "--data", str(synth_path), *small])
     assert r.exit_code != 0 and "predicts P(best expert), adapt it with --method em" in str(r.exception) + r.output
+
+
+def test_route_adapt_cli_uses_the_recorded_shorthand_table(synth_table: RoutingTable, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A router trained on a shorthand table (llmrouter, ...) records it by name, so the plain
+    `route adapt --router --prompts --out` calibrates the tilt on it without --data."""
+    import torch  # noqa: F401  (as in the test above)
+
+    from routers.table import SHORTHANDS
+
+    monkeypatch.setitem(SHORTHANDS, "synth-shorthand", lambda: synth_table)
+    r = runner.invoke(app, ["route", "train", "--data", "synth-shorthand", "--router", "knn", "-o", "encoder=tfidf", "-o", "k=10", "--out", str(tmp_path / "r"), "--test-size", "0.25"])
+    assert r.exit_code == 0, r.output
+    prompts = tmp_path / "new.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p, t in zip(synth_table.prompts, synth_table.tasks) if t == "history"))
+    small = ["--encoder", "tfidf", "--clusters", "4", "--components", "4", "--folds", "3"]
+    r = runner.invoke(app, ["route", "adapt", "--router", str(tmp_path / "r"), "--prompts", str(prompts), "--out", str(tmp_path / "a"), *small])
+    assert r.exit_code == 0, r.output
+    assert "(tilt, 3 refits, 4 cells; calibrated on synth-shorthand, the training table the router records)" in r.output
+    ar = Router.load(tmp_path / "a")
+    assert ar.config.mode == "tilt" and ar.meta["adapted"]["calibration"] == {"tables": ["synth-shorthand"], "from": "recorded"}
+    assert ar.meta["adapted"]["folds"] == 3
+    # --method em still chooses the EM
+    r = runner.invoke(app, ["route", "adapt", "--router", str(tmp_path / "r"), "--prompts", str(prompts), "--out", str(tmp_path / "e"), "--method", "em"])
+    assert r.exit_code == 0 and "EM iterations" in r.output, r.output
+    assert Router.load(tmp_path / "e").config.mode == "binary"
+    # the shorthand no longer holds the router's prompts: a clear error, with both ways out
+    other = RoutingTable(ids=[f"o{i}" for i in range(8)], prompts=[f"an unrelated prompt {i}" for i in range(8)], experts=synth_table.experts, scores=np.zeros((8, len(synth_table.experts))), costs=np.ones((8, len(synth_table.experts))), tasks=["t"] * 8)
+    monkeypatch.setitem(SHORTHANDS, "synth-shorthand", lambda: other)
+    r = runner.invoke(app, ["route", "adapt", "--router", str(tmp_path / "r"), "--prompts", str(prompts), "--out", str(tmp_path / "b"), *small])
+    assert r.exit_code != 0
+    assert "its recorded training table synth-shorthand is a prompt it was trained on (the table changed since); pass its training table with --data, or --method em" in str(r.exception) + r.output
 
 
 def test_adapted_router_in_a_spec_routes_like_its_predictions(synth_table: RoutingTable, tmp_path: Path) -> None:
