@@ -16,7 +16,8 @@ Shift-aware figures (random, grouped and reweighted-mix splits; --router auto ne
 
     .venv/bin/python bench/routers.py --skip-quality --skip-loto --skip-routellm --skip-latency --shift
 
-and label-free prior adaptation (`route adapt`) on simulated shifts:
+and label-free prior adaptation (`route adapt`) on simulated shifts (``--identifiability 1,2`` adds the
+Cramer-Rao floor of its rate estimate):
 
     .venv/bin/python bench/routers.py --skip-quality --skip-loto --skip-routellm --skip-latency --adapt partition:select=false --adapt-seeds 1,2,3
 
@@ -397,6 +398,78 @@ def adaptation(seed: int = 1, router: str = "partition:select=false", n: int = 8
     return out
 
 
+def _tilt_information(pred: np.ndarray, y: np.ndarray, n: int, folds: int = 5) -> dict:
+    """How well unlabelled prompts can pin the new rates under label shift, when their only
+    evidence of which experts are right is ``pred`` (per-row predictors, out of fold).
+
+    Under the tilt p'(x) = p(x) E[exp(theta . y) | x] / Z the score of one prompt at theta = 0
+    is E[y | x] - E[y], so the Fisher information per prompt is I = Cov(E[y | pred]), taken
+    here as the covariance of y's least-squares projection on ``pred``; the rates move by
+    Cov(y) d theta, so an unbiased estimate from ``n`` prompts has covariance at least
+    V = Cov(y) I^-1 Cov(y) / n (Cramer-Rao). Returned: the largest per-expert standard error,
+    the range over pairs of the four experts right most often of the standard error of their
+    rates' difference (what decides routing between them), the mean rate's, one expert's when
+    the others' tilts are known, and the smallest eigenvalue of I estimated cross-fitted
+    (coefficients from the other folds, covariance with y): near zero or negative where the
+    calibration rows cannot tell the direction from noise."""
+    m = len(y)
+    x = np.hstack([np.ones((m, 1)), pred])
+    coef, *_ = np.linalg.lstsq(x, y, rcond=None)
+    info = np.cov((x @ coef).T)
+    cov_y = np.cov(y.T)
+    v = cov_y @ np.linalg.solve(info, cov_y) / n
+    top = np.argsort(-y.mean(0))[:4]
+    pairs = [float(np.sqrt(v[a, a] + v[b, b] - 2 * v[a, b])) for i, a in enumerate(top) for b in top[i + 1:]]
+    fold = np.random.default_rng(0).permutation(m) % folds
+    cross = np.zeros_like(y)
+    for k in range(folds):
+        c, *_ = np.linalg.lstsq(x[fold != k], y[fold != k], rcond=None)
+        cross[fold == k] = x[fold == k] @ c
+    cc = (cross - cross.mean(0)).T @ (y - y.mean(0)) / (m - 1)
+    u = np.full(y.shape[1], 1.0 / y.shape[1])
+    one = np.sqrt(np.diag(cov_y) ** 2 / np.diag(info) / n)
+    return {
+        "rate_se_max": float(np.sqrt(np.diag(v).max())),
+        "top4_difference_se": [min(pairs), max(pairs)],
+        "mean_rate_se": float(np.sqrt(u @ v @ u)),
+        "one_expert_se": [float(one.min()), float(one.max())],
+        "r2": [float(np.min(np.diag(info) / np.diag(cov_y))), float(np.max(np.diag(info) / np.diag(cov_y)))],
+        "min_eigenvalue_cross_fitted": float(np.linalg.eigvalsh((cc + cc.T) / 2).min()),
+    }
+
+
+def identifiability(seed: int = 1, routers: Sequence[str] = ("partition:select=false", "knn:encoder=minilm+tfidf:project=16:reduce=128"), pool: float = 0.5, n: int = 800) -> list[dict]:
+    """The Cramer-Rao floor of ``route adapt``'s label-free rate estimate (``_tilt_information``)
+    on one random split's training part (the share 1 - ``pool``), for ``n`` new prompts:
+    with the first router's out-of-fold predictions (as ``--method tilt`` uses them), with
+    every router's side by side, and with the first router's plus as many columns of
+    Gaussian noise as the others add (an in-sample projection gains from any extra column;
+    a predictor that carries information must beat noise)."""
+    from routers.adapt import tilt_calibration
+    from routers.learned import parse_member
+
+    tr, _ = from_llmrouter().split(pool, seed)
+    preds, y = [], None
+    for spec in routers:
+        key, opts = parse_member(spec)
+        cal = tilt_calibration(make_router(key, seed=seed, **opts).fit(tr), tr, seed=seed)
+        preds.append(cal.oof)
+        y = cal.y
+    assert y is not None
+    extra = sum(p.shape[1] for p in preds[1:])
+    rows = [(routers[0], preds[0])]
+    if extra:
+        rows += [(" + ".join(routers), np.hstack(preds)), (f"{routers[0]} + {extra} noise columns", np.hstack([preds[0], np.random.default_rng(seed).normal(size=(len(y), extra))]))]
+    out = []
+    for name, pr in rows:
+        row = {"seed": seed, "predictors": name, "prompts": n, **_tilt_information(pr, y, n)}
+        out.append(row)
+        print(f"identifiability seed {seed} {name}: R2 {row['r2'][0]:.3f}-{row['r2'][1]:.3f}; SE at {n} prompts: largest rate {row['rate_se_max']:.3f}, "
+              f"difference of two of the top four {row['top4_difference_se'][0]:.3f}-{row['top4_difference_se'][1]:.3f}, mean rate {row['mean_rate_se']:.3f}, "
+              f"one expert alone {row['one_expert_se'][0]:.3f}-{row['one_expert_se'][1]:.3f}; smallest eigenvalue of I cross-fitted {row['min_eigenvalue_cross_fitted']:+.5f}", file=sys.stderr, flush=True)
+    return out
+
+
 def routellm(seeds: int, keys: tuple[str, ...] = ("knn", "logreg", "mf", "partition", "random"), tables: tuple[str, ...] = ("gsm8k", "mmlu")) -> list[dict]:
     out = []
     for name, loader, encoders in [("gsm8k", from_routellm_gsm8k, ["minilm", "tfidf"]), ("mmlu", from_routellm_mmlu, ["tfidf"])]:
@@ -556,6 +629,7 @@ def main() -> None:
     ap.add_argument("--adapt-pool", type=float, default=0.2, help="share of the table held out as the pool the shifted samples are drawn from")
     ap.add_argument("--adapt-n", type=int, default=800, help="prompts per shifted sample (with --adapt-sampling exact: at most; fewer where one weight dominates)")
     ap.add_argument("--adapt-sampling", default="replacement", choices=["replacement", "exact"], help="'exact': each pool row kept independently with probability proportional to its weight (no resampling artefact; smaller samples)")
+    ap.add_argument("--identifiability", default="", help="comma-separated seeds: the Cramer-Rao floor of route adapt's rate estimate from the routers' out-of-fold predictions (--adapt-pool, --adapt-n)")
     ap.add_argument("--out", default="runs/bench-routers.json")
     a = ap.parse_args()
     out: dict = {}
@@ -573,6 +647,8 @@ def main() -> None:
         out["shift"] = shift(tuple(int(x) for x in a.shift_seeds.split(",")), tuple(x for x in a.shift_routers.split(";") if x) or tuple(SHIFT_ROUTERS), not a.no_auto)
     if a.adapt:
         out.setdefault("adapt", {})[a.adapt] = {f"seed {sd}": adaptation(seed=int(sd), router=a.adapt, n=a.adapt_n, pool=a.adapt_pool, sampling=a.adapt_sampling) for sd in a.adapt_seeds.split(",")}
+    if a.identifiability:
+        out["identifiability"] = [row for sd in a.identifiability.split(",") for row in identifiability(seed=int(sd), pool=a.adapt_pool, n=a.adapt_n)]
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     prev = json.loads(Path(a.out).read_text()) if Path(a.out).is_file() else {}
     prev.update(out)

@@ -453,3 +453,27 @@ def test_every_shipped_candidate_is_a_valid_router() -> None:
         for member in opts.get("members", ()):
             member_key, member_opts = parse_member(member)
             make_router(member_key, **member_opts)
+
+
+def test_bench_cramer_rao_floor_of_the_rate_estimate() -> None:
+    """bench/routers.py's floor: when the predictions are the correctness itself, the prompts
+    carry all the information there is, and each rate's bound is its binomial standard error."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_routers", Path(__file__).resolve().parents[2] / "bench" / "routers.py")
+    assert spec is not None and spec.loader is not None
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    rng = np.random.default_rng(0)
+    y = (rng.random((4000, 5)) < np.array([0.2, 0.4, 0.5, 0.6, 0.7])).astype(float)
+    info = bench._tilt_information(y, y, n=800)
+    sd = y.std(axis=0, ddof=1)
+    assert info["rate_se_max"] == pytest.approx(sd.max() / np.sqrt(800))
+    assert info["one_expert_se"] == pytest.approx([sd.min() / np.sqrt(800), sd.max() / np.sqrt(800)])
+    assert info["mean_rate_se"] == pytest.approx(np.sqrt(np.cov(y.T).sum() / 25 / 800))
+    assert info["r2"] == pytest.approx([1.0, 1.0])
+    assert info["min_eigenvalue_cross_fitted"] > 0.1
+    # half the evidence (a noisy copy of y): every bound is wider
+    noisy = np.where(rng.random(y.shape) < 0.3, 1 - y, y)
+    weak = bench._tilt_information(noisy, y, n=800)
+    assert weak["rate_se_max"] > 1.5 * info["rate_se_max"] and weak["r2"][1] < 0.5
