@@ -322,16 +322,19 @@ def adaptation(seed: int = 1, router: str = "partition:select=false", n: int = 8
     predictions re-expressed under the sample's *true* rates (``adjust`` with the labels'
     means: what a perfect per-expert prior estimate would give, the ceiling of EM-style
     adaptation); the tilt's adjustment with the shift's own theta (known for every shift but
-    a change of mix: the ceiling of ``--method tilt``'s adjustment); the EM (``--method em``,
-    plain and the MAP default); and ``--method tilt`` with the share of samples it applied to,
-    with and without its routing test."""
+    a change of mix: the ceiling of the free tilt's adjustment); the EM (``--method em``,
+    plain and the MAP default); ``--method tilt`` as the CLI runs it (the one-expert model
+    first, then the free tilt) with the share of samples it applied to and the share the
+    one-expert model took; and the free tilt alone (``--no-one-expert``), with and without
+    its routing test."""
     from routers.adapt import (
         AdaptedRouterConfig,
         adjust,
         em_priors,
         tilt_adjust,
+        tilt_apply,
         tilt_calibration,
-        tilt_estimate,
+        tilt_choose,
     )
     from routers.auto import gap_closed
     from routers.learned import parse_member
@@ -367,7 +370,7 @@ def adaptation(seed: int = 1, router: str = "partition:select=false", n: int = 8
         shifts.append(("label", f"{table.experts[j]} right more often (x3)", np.where(te.scores[:, j] > 0.5, 3.0, 1.0), tilt_on(int(j), 3.0)))
     out = []
     for kind, name, w, theta in shifts:
-        acc: dict[str, list[float]] = {k: [] for k in ("base", "true_rates", "true_tilt", "em", "map", "tilt", "tilt_applied", "true_change", "size", "tilt_moments_only", "tilt_moments_applied")}
+        acc: dict[str, list[float]] = {k: [] for k in ("base", "true_rates", "true_tilt", "em", "map", "tilt", "tilt_applied", "tilt_one_applied", "tilt_free", "tilt_free_applied", "true_change", "size", "tilt_moments_only", "tilt_moments_applied")}
         for _ in range(draws):
             if sampling == "exact":
                 idx = np.flatnonzero(rng.random(len(te)) < min(n / w.sum(), 1.0 / w.max()) * w)
@@ -378,15 +381,19 @@ def adaptation(seed: int = 1, router: str = "partition:select=false", n: int = 8
             def gap(q: np.ndarray, s: np.ndarray = s) -> float:
                 return gap_closed(s[np.arange(len(s)), q.argmax(1)], s)
 
-            est = tilt_estimate(p, te_shape[idx], cal)
+            ch = tilt_choose(p, te_shape[idx], cal, pri)
+            est = ch["free"] if ch["free"] is not None else tilt_choose(p, te_shape[idx], cal, pri, one_expert=False)["free"]
             acc["base"].append(gap(p))
             acc["true_rates"].append(gap(adjust(p, pri, s.mean(0))))
             acc["true_tilt"].append(gap(tilt_adjust(p, theta)) if theta is not None else float("nan"))
             acc["em"].append(gap(em_priors(p, pri)[1]))
             new_map, adj_map, _ = em_priors(p, pri, strength=float(len(tr)))
             acc["map"].append(gap(adj_map) if np.abs(new_map - pri).max() >= AdaptedRouterConfig.min_change else gap(p))
-            acc["tilt"].append(gap(tilt_adjust(p, est["theta"])) if est["applied"] else gap(p))
-            acc["tilt_applied"].append(float(est["applied"]))
+            acc["tilt"].append(gap(tilt_apply(p, ch, pri)))
+            acc["tilt_applied"].append(float(ch["applied"]))
+            acc["tilt_one_applied"].append(float(ch["model"] == "one expert"))
+            acc["tilt_free"].append(gap(tilt_adjust(p, est["theta"])) if est["applied"] else gap(p))
+            acc["tilt_free_applied"].append(float(est["applied"]))
             moments = est["passed"]["shape"] and est["passed"]["shift"]  # without the routing test
             acc["tilt_moments_only"].append(gap(tilt_adjust(p, est["theta"])) if moments else gap(p))
             acc["tilt_moments_applied"].append(float(moments))
@@ -394,7 +401,7 @@ def adaptation(seed: int = 1, router: str = "partition:select=false", n: int = 8
             acc["size"].append(float(len(idx)))
         row = {"kind": kind, "shift": name, **{k: float(np.mean(v)) for k, v in acc.items()}}
         out.append(row)
-        print(f"adapt {kind:8s} {name:60s} true change {row['true_change']:.2f}  base {row['base']:+.3f}  true rates {row['true_rates']:+.3f}  true tilt {row['true_tilt']:+.3f}  EM {row['em']:+.3f}  MAP {row['map']:+.3f}  tilt {row['tilt']:+.3f} (applied {row['tilt_applied']:.0%}; without the routing test {row['tilt_moments_only']:+.3f}, applied {row['tilt_moments_applied']:.0%})  size {row['size']:.0f}", file=sys.stderr, flush=True)
+        print(f"adapt {kind:8s} {name:60s} true change {row['true_change']:.2f}  base {row['base']:+.3f}  true rates {row['true_rates']:+.3f}  true tilt {row['true_tilt']:+.3f}  EM {row['em']:+.3f}  MAP {row['map']:+.3f}  tilt {row['tilt']:+.3f} (applied {row['tilt_applied']:.0%}, one expert {row['tilt_one_applied']:.0%}; free tilt alone {row['tilt_free']:+.3f}, applied {row['tilt_free_applied']:.0%}; without the routing test {row['tilt_moments_only']:+.3f}, applied {row['tilt_moments_applied']:.0%})  size {row['size']:.0f}", file=sys.stderr, flush=True)
     return out
 
 

@@ -52,6 +52,18 @@ two on the same moments:
 
 Only when the first test passes, the second rejects "no shift" and the third finds a gain
 is theta applied.
+
+Before the free tilt, a narrower model is tried (``tilt_estimate_one``): one expert's rate
+moved against the others, theta = c0 (1, ..., 1) + c1 e_k. Unlabelled prompts pin a common
+change and one expert's own change well, the nine rates freely badly (the Cramer-Rao floor in
+docs/benchmarks.md), so this is the shift they can act on: the expert whose model fits best
+must beat the common change alone (at level alpha / E) and the runner-up expert (at alpha),
+pass the shape test, and route the reweighted training rows better. It then re-expresses each
+prediction under the rates its theta implies (Saerens et al.'s formula, ``adjust``), which
+carries the shift to the experts correlated with the one that moved; the independent logit
+shift does not, and lost with the true theta on such shifts. If it fails, the free tilt
+decides as above (``tilt_choose``). The thresholds are the tests' own quantiles at the same
+alpha; the model was built on seeds 1-2 of the simulated shifts and checked on seeds 3-6.
 The defaults (16 cells, 16 components, ``spread`` 20, the moment tests at level 0.1) were
 chosen on simulated shifts of LLMRouter's seed-1 and seed-2 splits (bench/routers.py
 ``--adapt``): a stricter test adapts to fewer label shifts, a looser one let a larger share of
@@ -146,28 +158,38 @@ def fit_tilt(new: np.ndarray, val: np.ndarray, y: np.ndarray, ridge: float = 1.0
     of ``val``, each moment divided by the variance of that difference (diagonal: the
     moments' correlations are ignored). ``spread`` penalises differences between the experts'
     tilts only: a uniform tilt (traffic harder or easier for every expert) changes no choice."""
+    new, val, y = (np.asarray(a, dtype=np.float64) for a in (new, val, y))
+    e = y.shape[1]
+    theta, j_fit, j = _fit_moments(new, val, y, np.eye(e), ridge, spread)
+    return theta, j_fit, j(np.zeros(e))
+
+
+def _fit_moments(new: np.ndarray, val: np.ndarray, y: np.ndarray, basis: np.ndarray, ridge: float, spread: float = 0.0) -> tuple[np.ndarray, float, Any]:
+    """``fit_tilt``'s fit with theta = ``basis`` @ c (E x b): (theta, J(theta), J). The ridge
+    acts on c, the spread on theta's differences; c is bounded to [-5, 5]."""
     from scipy.optimize import minimize
 
-    new, val, y = (np.asarray(a, dtype=np.float64) for a in (new, val, y))
     e = y.shape[1]
     m = new.mean(axis=0)
     v = new.var(axis=0) / len(new) + val.var(axis=0) / len(val) + 1e-8
     centre = np.eye(e) - 1.0 / e
 
-    def j(theta: np.ndarray) -> tuple[float, np.ndarray]:
+    def j_grad(theta: np.ndarray) -> tuple[float, np.ndarray]:
         w = _tilt_weights(y, theta)
         mu = w @ val
         r = (mu - m) / v
         dmu = (val * w[:, None]).T @ (y - w @ y)  # (m, E): d mu / d theta
         return float(((mu - m) ** 2 / v).sum()), 2.0 * dmu.T @ r
 
-    def objective(theta: np.ndarray) -> tuple[float, np.ndarray]:
-        val_, grad = j(theta)
+    def objective(c: np.ndarray) -> tuple[float, np.ndarray]:
+        theta = basis @ c
+        val_, grad = j_grad(theta)
         d = centre @ theta
-        return val_ + ridge * float(theta @ theta) + spread * float(d @ d), grad + 2.0 * ridge * theta + 2.0 * spread * (centre @ d)
+        return val_ + ridge * float(c @ c) + spread * float(d @ d), basis.T @ (grad + 2.0 * spread * (centre @ d)) + 2.0 * ridge * c
 
-    res = minimize(objective, np.zeros(e), jac=True, method="L-BFGS-B", bounds=[(-5.0, 5.0)] * e)
-    return res.x, j(res.x)[0], j(np.zeros(e))[0]
+    res = minimize(objective, np.zeros(basis.shape[1]), jac=True, method="L-BFGS-B", bounds=[(-5.0, 5.0)] * basis.shape[1])
+    theta = basis @ res.x
+    return theta, j_grad(theta)[0], lambda t: j_grad(np.asarray(t, dtype=np.float64))[0]
 
 
 def tilt_adjust(pred: np.ndarray, theta: np.ndarray) -> np.ndarray:
@@ -256,11 +278,7 @@ def tilt_routing_gain(cal: TiltCalibration, theta: np.ndarray) -> tuple[float, f
     """(gain, standard error): how much better the tilt-adjusted out-of-fold predictions route
     the training rows than the unadjusted ones, each row weighted by exp(theta . y) (the
     training traffic reweighted to the estimated shift), scored by the rows' own correctness."""
-    w = _tilt_weights(cal.y, theta)
-    rows = np.arange(len(cal.y))
-    d = cal.y[rows, tilt_adjust(cal.oof, theta).argmax(1)] - cal.y[rows, np.asarray(cal.oof).argmax(1)]
-    gain = float(w @ d)
-    return gain, float(np.sqrt(((w * (d - gain)) ** 2).sum()))
+    return _routing_gain(cal, theta, tilt_adjust(cal.oof, theta))
 
 
 def tilt_estimate(pred: np.ndarray, new_shape: np.ndarray, cal: TiltCalibration, ridge: float = 1.0, spread: float = 20.0, alpha: float = 0.1, min_gain: float = 1.0) -> dict[str, Any]:
@@ -289,6 +307,94 @@ def tilt_estimate(pred: np.ndarray, new_shape: np.ndarray, cal: TiltCalibration,
         reason = f"label shift (prompt shape J {j_shape:.1f} < {shape_limit:.1f}; fit gain {j_zero - j_fit:.1f} > {gain_limit:.1f}; routing gain {gain:+.4f} > {min_gain:g} x {gain_se:.4f}): predictions adjusted"
     priors = _tilt_weights(cal.y, theta) @ cal.y
     return {"theta": theta, "applied": applied, "passed": {"shape": label_shift, "shift": shifted, "routing": helps}, "j_shape": j_shape, "j_shape_limit": shape_limit, "j_gain": j_zero - j_fit, "j_gain_limit": gain_limit, "routing_gain": gain, "routing_gain_se": gain_se, "priors": priors, "reason": reason}
+
+
+def _routing_gain(cal: TiltCalibration, theta: np.ndarray, adjusted: np.ndarray) -> tuple[float, float]:
+    """(gain, standard error) of routing the training rows by ``adjusted`` (out-of-fold
+    predictions, adjusted) instead of the out-of-fold predictions, each row weighted by
+    exp(theta . y), scored by the rows' own correctness."""
+    w = _tilt_weights(cal.y, theta)
+    rows = np.arange(len(cal.y))
+    d = cal.y[rows, np.asarray(adjusted).argmax(1)] - cal.y[rows, np.asarray(cal.oof).argmax(1)]
+    gain = float(w @ d)
+    return gain, float(np.sqrt(((w * (d - gain)) ** 2).sum()))
+
+
+def tilt_estimate_one(pred: np.ndarray, new_shape: np.ndarray, cal: TiltCalibration, train_priors: np.ndarray, ridge: float = 1.0, alpha: float = 0.1, min_gain: float = 1.0, experts: Sequence[str] | None = None) -> dict[str, Any]:
+    """Label shift in which ONE expert's rate moved against the others: theta = c0 (1, ..., 1)
+    + c1 e_k, fitted for each expert k by the moments of ``fit_tilt``; the best-fitting k is
+    kept. What the prompts can tell apart (docs/benchmarks.md, "The floor, as a bound"): the
+    common change c0 and one expert's own change are well identified, which of the experts
+    moved is not always, so four tests decide, each at level ``alpha``:
+
+    - ``shift``: k's model beats the common change alone by the chi-square(1) quantile at
+      alpha / E (E models were tried);
+    - ``selection``: it beats the runner-up expert's model by the chi-square(1) quantile;
+    - ``shape``: refitted with the prompt-shape moments, it passes ``tilt_estimate``'s
+      over-identification test (a change of prompt mix is not label shift);
+    - ``routing``: the per-expert re-expression of the predictions under the rates this theta
+      implies (``adjust``, Saerens et al.'s formula, which follows the experts' correlation
+      through the implied rates) routes the training rows, weighted by exp(theta . y), better
+      than the predictions by ``min_gain`` standard errors.
+
+    ``experts`` names the experts in the reasons (else their indices). Returns {'expert' (index), 'theta', 'priors' (the implied rates), 'applied', 'passed', 'j_common',
+    'j_fit', 'j_runner_up', 'j_shape', 'j_shape_limit', 'j_gain_limit', 'j_margin_limit',
+    'routing_gain', 'routing_gain_se', 'reason'}."""
+    from scipy.stats import chi2
+
+    pred, oof, y = (np.asarray(a, dtype=np.float64) for a in (pred, cal.oof, cal.y))
+    e = y.shape[1]
+    one = np.ones((e, 1))
+    _, j_common, _ = _fit_moments(pred, oof, y, one, ridge)
+    fits = [_fit_moments(pred, oof, y, np.hstack([one, np.eye(e)[:, [k]]]), ridge)[:2] for k in range(e)]
+    order = np.argsort([f[1] for f in fits], kind="stable")
+    k = int(order[0])
+    theta, j_fit = fits[k]
+    j_runner = float(fits[int(order[1])][1]) if e > 1 else float("inf")
+    full_new, full_val = np.hstack([pred, new_shape]), np.hstack([oof, cal.shape])
+    _, j_shape, _ = _fit_moments(full_new, full_val, y, np.hstack([one, np.eye(e)[:, [k]]]), ridge)
+    gain_limit, margin_limit, shape_limit = float(chi2.ppf(1 - alpha / e, 1)), float(chi2.ppf(1 - alpha, 1)), float(chi2.ppf(1 - alpha, cal.degrees))
+    priors = _tilt_weights(y, theta) @ y
+    gain, gain_se = _routing_gain(cal, theta, adjust(oof, train_priors, priors))
+    passed = {"shift": j_common - j_fit > gain_limit, "selection": j_runner - j_fit > margin_limit, "shape": j_shape < shape_limit, "routing": gain > min_gain * gain_se and gain > 0}
+    applied = all(passed.values())
+    name, runner = (str(experts[k]), str(experts[int(order[1])])) if experts is not None and e > 1 else (f"expert {k}", f"expert {int(order[1]) if e > 1 else k}")
+    if not passed["shift"]:
+        reason = f"no one expert's rate moved against the others (fit gain {j_common - j_fit:.1f} <= {gain_limit:.1f})"
+    elif not passed["selection"]:
+        reason = f"which expert moved is unclear ({name}'s fit beats the runner-up {runner}'s by {j_runner - j_fit:.1f} <= {margin_limit:.1f})"
+    elif not passed["shape"]:
+        reason = f"the new prompts' shape is not what a change of {name}'s rate predicts (J {j_shape:.1f} >= {shape_limit:.1f})"
+    elif not passed["routing"]:
+        reason = f"the predictions re-expressed for a change of {name}'s rate would not route the reweighted training rows better (routing gain {gain:+.4f}, {min_gain:g} x its standard error {min_gain * gain_se:.4f})"
+    else:
+        reason = f"{name}'s rate moved against the others' (fit gain {j_common - j_fit:.1f} > {gain_limit:.1f}; {j_runner - j_fit:.1f} ahead of the runner-up; shape J {j_shape:.1f} < {shape_limit:.1f}; routing gain {gain:+.4f} > {min_gain:g} x {gain_se:.4f})"
+    return {"expert": k, "theta": theta, "priors": priors, "applied": applied, "passed": passed, "j_common": float(j_common), "j_fit": float(j_fit), "j_runner_up": j_runner, "j_shape": float(j_shape),
+            "j_shape_limit": shape_limit, "j_gain_limit": gain_limit, "j_margin_limit": margin_limit, "routing_gain": gain, "routing_gain_se": gain_se, "reason": reason}
+
+
+def tilt_choose(pred: np.ndarray, new_shape: np.ndarray, cal: TiltCalibration, train_priors: np.ndarray, ridge: float = 1.0, spread: float = 20.0, alpha: float = 0.1, min_gain: float = 1.0, one_expert: bool = True, experts: Sequence[str] | None = None) -> dict[str, Any]:
+    """``--method tilt``'s decision: the one-expert model (``tilt_estimate_one``) when it passes
+    its tests, else the free tilt (``tilt_estimate``) when it passes its own, else nothing.
+    {'model': 'one expert' | 'free' | None, 'applied', 'theta', 'priors', 'one' (the one-expert
+    estimate, None without ``one_expert``), 'free' (None when the one-expert model applied),
+    'reason'}; ``tilt_apply`` adjusts predictions by it."""
+    one = tilt_estimate_one(pred, new_shape, cal, train_priors, ridge, alpha, min_gain, experts) if one_expert and np.shape(cal.y)[1] > 1 else None
+    if one is not None and one["applied"]:
+        return {"model": "one expert", "applied": True, "theta": one["theta"], "priors": one["priors"], "one": one, "free": None, "reason": one["reason"] + ": predictions re-expressed under the implied rates"}
+    free = tilt_estimate(pred, new_shape, cal, ridge, spread, alpha, min_gain)
+    reason = free["reason"] if one is None else f"one expert: {one['reason']}; free tilt: {free['reason']}"
+    return {"model": "free" if free["applied"] else None, "applied": free["applied"], "theta": free["theta"], "priors": free["priors"], "one": one, "free": free, "reason": reason}
+
+
+def tilt_apply(pred: np.ndarray, choice: dict[str, Any], train_priors: np.ndarray) -> np.ndarray:
+    """Predictions under ``tilt_choose``'s decision: re-expressed under the implied rates
+    (one expert), shifted by theta in logit (free), or unchanged."""
+    if choice["model"] == "one expert":
+        return adjust(pred, train_priors, choice["priors"])
+    if choice["model"] == "free":
+        return tilt_adjust(pred, choice["theta"])
+    return np.asarray(pred)
 
 
 @dataclasses.dataclass
@@ -430,9 +536,11 @@ def _tilt_priors(router: Router, where: str) -> np.ndarray:
     return pri
 
 
-def adapt_tilt(router: Router, prompts: Sequence[str], cal: TiltCalibration, ridge: float = 1.0, spread: float = 20.0, alpha: float = 0.1, where: str = "router", min_gain: float = 1.0) -> AdaptedRouter:
+def adapt_tilt(router: Router, prompts: Sequence[str], cal: TiltCalibration, ridge: float = 1.0, spread: float = 20.0, alpha: float = 0.1, where: str = "router", min_gain: float = 1.0, one_expert: bool = True) -> AdaptedRouter:
     """An AdaptedRouter around ``router`` by ``method='tilt'`` (module docstring): label shift
-    on the joint correctness of the experts, fitted against ``cal`` (``tilt_calibration``)."""
+    on the joint correctness of the experts, fitted against ``cal`` (``tilt_calibration``);
+    first the one-expert model (unless ``one_expert`` is False), then the free tilt
+    (``tilt_choose``)."""
     pri = _tilt_priors(router, where)
     if ridge < 0 or spread < 0:
         raise RouterError(f"--ridge, --spread: expected numbers >= 0, found {ridge}, {spread}")
@@ -441,11 +549,14 @@ def adapt_tilt(router: Router, prompts: Sequence[str], cal: TiltCalibration, rid
     if min_gain < 0:
         raise RouterError(f"--min-gain: expected a number >= 0, found {min_gain}")
     prompts = list(prompts)
-    est = tilt_estimate(router.predict(prompts), cal.shape_of(prompts), cal, ridge, spread, alpha, min_gain)
-    ar = _wrapping(router, AdaptedRouterConfig(mode="tilt"))
-    ar.train_priors, ar.priors, ar.theta, ar.applied = pri, est["priors"], est["theta"], est["applied"]
+    ch = tilt_choose(router.predict(prompts), cal.shape_of(prompts), cal, pri, ridge, spread, alpha, min_gain, one_expert, router.experts)
+    # the one-expert model re-expresses each expert's P(right) under its implied rate: the EM's 'binary' adjustment
+    ar = _wrapping(router, AdaptedRouterConfig(mode="binary" if ch["model"] == "one expert" else "tilt"))
+    ar.train_priors, ar.priors, ar.theta, ar.applied = pri, ch["priors"], ch["theta"], ch["applied"]
+    one, free = ch["one"], ch["free"]
     ar.meta["adapted"] = {
-        "method": "label shift on the experts' joint correctness (exponential tilt, method of moments on out-of-fold predictions), with a test against a change of prompt mix",
+        "method": "label shift on the experts' joint correctness (exponential tilt, method of moments on out-of-fold predictions): one expert's rate against the others, else a free tilt; tested against a change of prompt mix",
+        "model": ch["model"],
         "base": router.key,
         "prompts": len(prompts),
         "iterations": 0,
@@ -457,9 +568,16 @@ def adapt_tilt(router: Router, prompts: Sequence[str], cal: TiltCalibration, rid
         "spread": spread,
         "alpha": alpha,
         "min_gain": min_gain,
-        "tests": {k: float(est[k]) for k in ("j_shape", "j_shape_limit", "j_gain", "j_gain_limit", "routing_gain", "routing_gain_se")},
-        "priors": {e: {"train": float(a), "new": float(b), "change": float(b - a), "theta": float(t)} for e, a, b, t in zip(router.experts, pri, est["priors"], est["theta"])},
-        "reason": est["reason"],
+        "one_expert": None if one is None else {
+            "expert": router.experts[one["expert"]],
+            "applied": one["applied"],
+            "passed": one["passed"],
+            "tests": {k: float(one[k]) for k in ("j_common", "j_fit", "j_runner_up", "j_gain_limit", "j_margin_limit", "j_shape", "j_shape_limit", "routing_gain", "routing_gain_se")},
+            "reason": one["reason"],
+        },
+        "tests": None if free is None else {k: float(free[k]) for k in ("j_shape", "j_shape_limit", "j_gain", "j_gain_limit", "routing_gain", "routing_gain_se")},
+        "priors": {e: {"train": float(a), "new": float(b), "change": float(b - a), "theta": float(t)} for e, a, b, t in zip(router.experts, pri, ch["priors"], ch["theta"])},
+        "reason": ch["reason"],
     }
     return ar
 
@@ -492,6 +610,7 @@ def adapt_router(
     spread: float = 20.0,
     alpha: float = 0.1,
     min_gain: float = 1.0,
+    one_expert: bool = True,
 ) -> AdaptedRouter:
     """``collab route adapt``: load the router in ``router_dir``, adapt it to the prompts of
     ``prompts_file`` and save it to ``out`` (with the base's held-out ids, so ``route eval``
@@ -501,7 +620,8 @@ def adapt_router(
     else the tables the router records, when all are shorthands such as ``llmrouter``):
     label shift on the joint correctness, calibrated on the rows of that table the router
     was trained on (``folds`` refits of the router; ``clusters`` cells and ``components``
-    principal components in ``encoder``'s space). 'em' (the default otherwise): per-expert
+    principal components in ``encoder``'s space; ``one_expert``: try the one-expert model
+    first, ``tilt_choose``). 'em' (the default otherwise): per-expert
     EM; ``strength`` (pseudo-observations of the training rates in its MAP estimate)
     defaults to the router's number of training queries, the sample its training rates were
     measured on (or the number of new prompts if it records none); 0 is Saerens et al.'s
@@ -539,7 +659,7 @@ def adapt_router(
             raise RouterError(f"{router_dir}: none of the {len(table)} rows of {', '.join(map(str, data))} is a prompt this router was trained on; --data must be its training table")
         _tilt_priors(base, str(router_dir))  # refuse an adapted or classifier router before the refits
         cal = tilt_calibration(base, table.subset(np.flatnonzero(rows)), folds, clusters, components, encoder, seed=int(getattr(base.config, "seed", 0)), where=str(router_dir))
-        ar = adapt_tilt(base, prompts, cal, ridge, spread, alpha, where=str(router_dir), min_gain=min_gain)
+        ar = adapt_tilt(base, prompts, cal, ridge, spread, alpha, where=str(router_dir), min_gain=min_gain, one_expert=one_expert)
     else:
         if strength is None:
             n = base.meta.get("train_queries")

@@ -151,6 +151,7 @@ def adapt(
     spread: Annotated[float, typer.Option(help="tilt: penalty on differences between the experts' tilts.")] = 20.0,
     alpha: Annotated[float, typer.Option(help="tilt: level of the prompt-shape and fit tests.")] = 0.1,
     min_gain: Annotated[float, typer.Option(help="tilt: apply only if the adjusted predictions route the training rows, reweighted to the estimated shift, better by at least this many standard errors.")] = 1.0,
+    one_expert: Annotated[bool, typer.Option("--one-expert/--no-one-expert", help="tilt: first try the model in which one expert's rate moved against the others (re-expressing the predictions under the rates it implies), then the free tilt.")] = True,
     device: Annotated[str, typer.Option(help=_DEVICE_HELP)] = "cpu",
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace --out if it is a trained router directory.")] = False,
 ) -> None:
@@ -158,16 +159,16 @@ def adapt(
     from routers.adapt import adapt_router
 
     with _warnings_as_lines():
-        ar = adapt_router(router, prompts, out, min_change=min_change, overwrite=overwrite, device=device, strength=strength, method=method, data=data or (), folds=folds, clusters=clusters, components=components, encoder=encoder, ridge=ridge, spread=spread, alpha=alpha, min_gain=min_gain)
+        ar = adapt_router(router, prompts, out, min_change=min_change, overwrite=overwrite, device=device, strength=strength, method=method, data=data or (), folds=folds, clusters=clusters, components=components, encoder=encoder, ridge=ridge, spread=spread, alpha=alpha, min_gain=min_gain, one_expert=one_expert)
     a = ar.meta["adapted"]
-    how = f"{a['iterations']} EM iterations" if "tests" not in a else f"tilt, {a['folds']} refits, {a['clusters']} cells"
+    how = f"{a['iterations']} EM iterations" if "folds" not in a else f"tilt, {a['folds']} refits, {a['clusters']} cells"
     if a.get("calibration", {}).get("from") == "recorded":
         how += f"; calibrated on {', '.join(a['calibration']['tables'])}, the training table the router records"
     typer.echo(f"adapted {a['base']} router on {a['prompts']} prompts ({how}): {a['reason']} -> {out}")
     typer.echo("how often each expert is right, training -> estimated" + ("" if a["applied"] else " (not applied)") + ":")
     for e, v in a["priors"].items():
         typer.echo(f"  {e:40s} {v['train']:.4f} -> {v['new']:.4f} ({v['change']:+.4f})")
-    if method is None and "tests" not in a:
+    if method is None and "folds" not in a:
         typer.echo("(the per-expert EM: the router's training table was not at hand; with it, --data TABLE, the method is the tilt, which tests that the rates moved before it adjusts)")
 
 

@@ -10,7 +10,7 @@ import pytest
 from typer.testing import CliRunner
 
 from collab.cli import app
-from routers.adapt import AdaptedRouter, TiltCalibration, adapt, adjust, em_priors, fit_tilt, read_prompts, tilt_adjust, tilt_estimate, tilt_routing_gain
+from routers.adapt import AdaptedRouter, TiltCalibration, adapt, adjust, em_priors, fit_tilt, read_prompts, tilt_adjust, tilt_apply, tilt_choose, tilt_estimate, tilt_routing_gain
 from routers.auto import (
     ShiftProtocol,
     best_expert_labels,
@@ -237,6 +237,42 @@ def test_tilt_applies_to_label_shift_and_leaves_a_change_of_mix_and_no_shift_alo
     assert not est["applied"] and "no significant change" in est["reason"], est
 
 
+def test_one_expert_model_finds_the_expert_that_moved_and_hands_other_shifts_to_the_free_tilt() -> None:
+    cal = _calibration(*_topic_world(8000, np.random.default_rng(4)))
+    pri = cal.y.mean(0)
+    # expert 1 right more often (theta = (0, 1, 0)): found, with the new rates, and applied
+    t, y, post = _topic_world(1000, np.random.default_rng(11), tilt=np.array([0.0, 1.0, 0.0]))
+    ch = tilt_choose(post, np.eye(4)[t], cal, pri)
+    one = ch["one"]
+    assert ch["model"] == "one expert" and ch["free"] is None and one["expert"] == 1, ch["reason"]
+    assert one["passed"] == {"shift": True, "selection": True, "shape": True, "routing": True}
+    assert one["j_common"] - one["j_fit"] > one["j_gain_limit"] and one["j_runner_up"] - one["j_fit"] > 50
+    np.testing.assert_allclose(one["priors"], y.mean(0), atol=0.04)  # the new rates, from no labels
+    assert one["priors"][1] > pri[1] + 0.15 and one["routing_gain"] > one["routing_gain_se"] > 0
+    np.testing.assert_allclose(tilt_apply(post, ch, pri), adjust(post, pri, one["priors"]), atol=1e-12)
+    assert ch["reason"].startswith("expert 1's rate moved against the others' (fit gain")
+    named = tilt_choose(post, np.eye(4)[t], cal, pri, experts=["a", "b", "c"])
+    assert named["reason"].startswith("b's rate moved against the others'")
+    # two experts moved: the one-expert model fails its shape test, the free tilt takes it
+    t, _, post = _topic_world(1000, np.random.default_rng(20), tilt=np.array([-1.0, 0.8, 0.0]))
+    ch = tilt_choose(post, np.eye(4)[t], cal, pri)
+    assert ch["model"] == "free" and ch["one"]["passed"]["shape"] is False and ch["free"]["applied"], ch["reason"]
+    np.testing.assert_allclose(tilt_apply(post, ch, pri), tilt_adjust(post, ch["theta"]), atol=1e-12)
+    assert ch["reason"].startswith(f"one expert: the new prompts' shape is not what a change of expert {ch['one']['expert']}'s rate predicts")
+    # a change of mix: neither applies; no shift: the one-expert model finds none
+    t, _, post = _topic_world(1000, np.random.default_rng(20), topic_weights=np.array([4.0, 1.0, 1.0, 1.0]))
+    ch = tilt_choose(post, np.eye(4)[t], cal, pri)
+    assert ch["model"] is None and not ch["applied"] and ch["one"]["passed"]["shape"] is False
+    np.testing.assert_array_equal(tilt_apply(post, ch, pri), post)
+    t, _, post = _topic_world(1000, np.random.default_rng(20))
+    ch = tilt_choose(post, np.eye(4)[t], cal, pri)
+    assert ch["model"] is None and "no one expert's rate moved against the others" in ch["one"]["reason"]
+    # without the one-expert model the choice is the free tilt's alone
+    t, _, post = _topic_world(1000, np.random.default_rng(11), tilt=np.array([0.0, 1.0, 0.0]))
+    free_only = tilt_choose(post, np.eye(4)[t], cal, pri, one_expert=False)
+    assert free_only["one"] is None and free_only["free"] is not None and free_only["model"] in ("free", None)
+
+
 def test_tilt_routing_gain_weights_each_rows_change_of_choice_by_the_tilt() -> None:
     oof = np.array([[0.6, 0.5], [0.4, 0.5], [0.9, 0.1], [0.5, 0.55]])
     y = np.array([[0.0, 1.0], [1.0, 0.0], [1.0, 0.0], [1.0, 0.0]])
@@ -327,6 +363,11 @@ def test_route_adapt_cli_tilt_against_the_training_table(synth_path: Path, synth
     assert a["folds"] == 3 and a["clusters"] == 4 and a["components"] == 4 and set(a["tests"]) == {"j_shape", "j_shape_limit", "j_gain", "j_gain_limit", "routing_gain", "routing_gain_se"} and a["min_gain"] == 1.0
     assert a["applied"] == (a["tests"]["j_shape"] < a["tests"]["j_shape_limit"] and a["tests"]["j_gain"] > a["tests"]["j_gain_limit"] and a["tests"]["routing_gain"] > a["tests"]["routing_gain_se"])
     assert not a["applied"] and "a change of prompt mix" in a["reason"] and "(not applied)" in r.output
+    # the one-expert model was tried first and is recorded with its four tests
+    o = a["one_expert"]
+    assert a["model"] is None and o["applied"] is False and set(o["passed"]) == {"shift", "selection", "shape", "routing"} and o["expert"] in ar.experts
+    assert set(o["tests"]) == {"j_common", "j_fit", "j_runner_up", "j_gain_limit", "j_margin_limit", "j_shape", "j_shape_limit", "routing_gain", "routing_gain_se"}
+    assert a["reason"].startswith("one expert: ") and "; free tilt: " in a["reason"]
     # the saved router predicts what its recorded tilt says
     theta = np.array([a["priors"][e]["theta"] for e in ar.experts])
     base = Router.load(tmp_path / "r")
@@ -343,6 +384,10 @@ def test_route_adapt_cli_tilt_against_the_training_table(synth_path: Path, synth
     r = runner.invoke(app, ["route", "adapt", "--router", str(tmp_path / "r"), "--prompts", str(prompts), "--out", str(tmp_path / "t"), "--data", str(synth_path), *small[2:]])
     assert r.exit_code == 0 and "(tilt, 3 refits, 4 cells)" in r.output, r.output
     assert Router.load(tmp_path / "t").config.mode == "tilt"
+    r = runner.invoke(app, ["route", "adapt", "--router", str(tmp_path / "r"), "--prompts", str(prompts), "--out", str(tmp_path / "f"), "--data", str(synth_path), "--no-one-expert", *small[2:]])
+    assert r.exit_code == 0, r.output
+    f = Router.load(tmp_path / "f").meta["adapted"]
+    assert f["one_expert"] is None and f["reason"] == a["reason"].split("; free tilt: ", 1)[1]
     other = tmp_path / "other.jsonl"
     other.write_text("".join(json.dumps({"id": f"o{i}", "task": "t", "prompt": f"an unrelated prompt {i}", "scores": {"mathy": 1.0, "histy": 0.0}}) + "\n" for i in range(40)))
     r = runner.invoke(app, ["route", "adapt", "--router", str(tmp_path / "r"), "--prompts", str(prompts), "--out", str(tmp_path / "b"), "--data", str(other), *small])
