@@ -53,6 +53,13 @@ two on the same moments:
 Only when the first test passes, the second rejects "no shift" and the third finds a gain
 is theta applied.
 
+The defaults (16 cells, 16 components, ``spread`` 20, the moment tests at level 0.1) were
+chosen on simulated shifts of LLMRouter's seed-1 and seed-2 splits (bench/routers.py
+``--adapt``): a stricter test adapts to fewer label shifts, a looser one let a larger share of
+open-QA traffic through as label shift, which it is not, and lost 12 points of the gap there.
+``min_gain`` 1 was chosen among 0, 1 and 2 on seeds 1-3 drawn exactly (``--adapt-sampling
+exact``) and checked once on seed 4.
+
 Before the free tilt, a narrower model is tried (``tilt_estimate_one``): one expert's rate
 moved against the others, theta = c0 (1, ..., 1) + c1 e_k. Unlabelled prompts pin a common
 change and one expert's own change well, the nine rates freely badly (the Cramer-Rao floor in
@@ -64,13 +71,9 @@ carries the shift to the experts correlated with the one that moved; the indepen
 shift does not, and lost with the true theta on such shifts. If it fails, the free tilt
 decides as above (``tilt_choose``). The thresholds are the tests' own quantiles at the same
 alpha; the model was built on seeds 1-2 of the simulated shifts and checked on seeds 3-6.
-The defaults (16 cells, 16 components, ``spread`` 20, the moment tests at level 0.1) were
-chosen on simulated shifts of LLMRouter's seed-1 and seed-2 splits (bench/routers.py
-``--adapt``): a stricter test adapts to fewer label shifts, a looser one let a larger share of
-open-QA traffic through as label shift, which it is not, and lost 12 points of the gap there.
-``min_gain`` 1 was chosen among 0, 1 and 2 on seeds 1-3 drawn exactly (``--adapt-sampling
-exact``) and checked once on seed 4. With ``data`` (the training table) the CLI's default
-method is the tilt; without it, the MAP EM.
+
+With the training table at hand (``data``, or the shorthand tables the router records) the
+CLI's default method is the tilt; without it, the MAP EM.
 """
 
 from __future__ import annotations
@@ -325,7 +328,7 @@ def tilt_estimate_one(pred: np.ndarray, new_shape: np.ndarray, cal: TiltCalibrat
     + c1 e_k, fitted for each expert k by the moments of ``fit_tilt``; the best-fitting k is
     kept. What the prompts can tell apart (docs/benchmarks.md, "The floor, as a bound"): the
     common change c0 and one expert's own change are well identified, which of the experts
-    moved is not always, so four tests decide, each at level ``alpha``:
+    moved is not always, so four tests decide (level ``alpha``):
 
     - ``shift``: k's model beats the common change alone by the chi-square(1) quantile at
       alpha / E (E models were tried);
@@ -337,8 +340,9 @@ def tilt_estimate_one(pred: np.ndarray, new_shape: np.ndarray, cal: TiltCalibrat
       through the implied rates) routes the training rows, weighted by exp(theta . y), better
       than the predictions by ``min_gain`` standard errors.
 
-    ``experts`` names the experts in the reasons (else their indices). Returns {'expert' (index), 'theta', 'priors' (the implied rates), 'applied', 'passed', 'j_common',
-    'j_fit', 'j_runner_up', 'j_shape', 'j_shape_limit', 'j_gain_limit', 'j_margin_limit',
+    ``experts`` names the experts in the reasons (else their indices). Returns {'expert'
+    (index), 'theta', 'priors' (the implied rates), 'applied', 'passed', 'j_common', 'j_fit',
+    'j_runner_up', 'j_shape', 'j_shape_limit', 'j_gain_limit', 'j_margin_limit',
     'routing_gain', 'routing_gain_se', 'reason'}."""
     from scipy.stats import chi2
 
