@@ -335,6 +335,7 @@ def adaptation(seed: int = 1, router: str = "partition:select=false", n: int = 8
         tilt_apply,
         tilt_calibration,
         tilt_choose,
+        tilt_estimate,
     )
     from routers.auto import gap_closed
     from routers.learned import parse_member
@@ -382,7 +383,7 @@ def adaptation(seed: int = 1, router: str = "partition:select=false", n: int = 8
                 return gap_closed(s[np.arange(len(s)), q.argmax(1)], s)
 
             ch = tilt_choose(p, te_shape[idx], cal, pri)
-            est = ch["free"] if ch["free"] is not None else tilt_choose(p, te_shape[idx], cal, pri, one_expert=False)["free"]
+            est = ch["free"] if ch["free"] is not None else tilt_estimate(p, te_shape[idx], cal)  # the free tilt, also where the one-expert model applied
             acc["base"].append(gap(p))
             acc["true_rates"].append(gap(adjust(p, pri, s.mean(0))))
             acc["true_tilt"].append(gap(tilt_adjust(p, theta)) if theta is not None else float("nan"))

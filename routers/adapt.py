@@ -349,14 +349,18 @@ def tilt_estimate_one(pred: np.ndarray, new_shape: np.ndarray, cal: TiltCalibrat
     pred, oof, y = (np.asarray(a, dtype=np.float64) for a in (pred, cal.oof, cal.y))
     e = y.shape[1]
     one = np.ones((e, 1))
+
+    def basis(k: int) -> np.ndarray:
+        return np.hstack([one, np.eye(e)[:, [k]]])
+
     _, j_common, _ = _fit_moments(pred, oof, y, one, ridge)
-    fits = [_fit_moments(pred, oof, y, np.hstack([one, np.eye(e)[:, [k]]]), ridge)[:2] for k in range(e)]
+    fits = [_fit_moments(pred, oof, y, basis(k), ridge)[:2] for k in range(e)]
     order = np.argsort([f[1] for f in fits], kind="stable")
     k = int(order[0])
     theta, j_fit = fits[k]
     j_runner = float(fits[int(order[1])][1]) if e > 1 else float("inf")
     full_new, full_val = np.hstack([pred, new_shape]), np.hstack([oof, cal.shape])
-    _, j_shape, _ = _fit_moments(full_new, full_val, y, np.hstack([one, np.eye(e)[:, [k]]]), ridge)
+    _, j_shape, _ = _fit_moments(full_new, full_val, y, basis(k), ridge)
     gain_limit, margin_limit, shape_limit = float(chi2.ppf(1 - alpha / e, 1)), float(chi2.ppf(1 - alpha, 1)), float(chi2.ppf(1 - alpha, cal.degrees))
     priors = _tilt_weights(y, theta) @ y
     gain, gain_se = _routing_gain(cal, theta, adjust(oof, train_priors, priors))
@@ -643,9 +647,10 @@ def adapt_router(
     if method == "em" and data:
         raise RouterError("--data: only --method tilt uses the training table; leave out --method em (with --data the method is tilt) or --data")
     base = Router.load(router_dir).to(device)
-    recorded = not data and method != "em" and recorded_tables(base) is not None
-    if recorded:
-        data = recorded_tables(base) or ()
+    names = recorded_tables(base) if not data and method != "em" else None
+    recorded = names is not None
+    if names is not None:
+        data = names
     method = method or ("tilt" if data else "em")
     if method == "tilt" and not data:
         files = ", ".join(f"'{s.get('name')}'" for s in base.meta.get("train_sources") or [] if isinstance(s, dict)) or "nothing"
